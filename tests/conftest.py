@@ -1,0 +1,85 @@
+"""Shared fixtures: real tokenizers built offline (Mistral-7B-v0.1 SentencePiece from the mistral-common wheel,
+byte-level BPE trained in-process) and helpers to write data files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+MISTRAL_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def mistral_tokenizer_dir(dest: Path, legacy: bool) -> Path:
+    """A tokenizer folder holding Mistral-7B-v0.1's SentencePiece model (32000 tokens)."""
+    import mistral_common
+
+    src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dest / "tokenizer.model")
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": legacy, "add_bos_token": True, "add_eos_token": False}
+    (dest / "tokenizer_config.json").write_text(json.dumps({**config, **MISTRAL_SPECIALS}))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory) -> Path:
+    return mistral_tokenizer_dir(tmp_path_factory.mktemp("mistral"), legacy=False)
+
+
+@pytest.fixture(scope="session")
+def mistral_legacy_dir(tmp_path_factory) -> Path:
+    return mistral_tokenizer_dir(tmp_path_factory.mktemp("mistral_legacy"), legacy=True)
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(mistral_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(mistral_dir)
+
+
+@pytest.fixture(scope="session")
+def mistral_legacy_tokenizer(mistral_legacy_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(mistral_legacy_dir)
+
+
+BPE_CORPUS = [
+    "USER: What is the capital of France? ASSISTANT: The capital of France is Paris.",
+    "A chat between a curious user and an artificial intelligence assistant.",
+    "Hello! How are you today? I am fine, thank you. 你好，世界。Привет, мир! 🙂",
+    "system user assistant [INST] [/INST] <<SYS>> <</SYS>> \n\n",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    from chatsft.tiny import build_tokenizer
+
+    return build_tokenizer(BPE_CORPUS, vocab_size=400)
+
+
+@pytest.fixture()
+def write_file(tmp_path):
+    """write_file(name, content) -> Path; content is str (written as UTF-8), bytes, or a JSON-able object."""
+
+    def _write(name: str, content) -> Path:
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif isinstance(content, str):
+            path.write_text(content, encoding="utf-8")
+        else:
+            path.write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+        return path
+
+    return _write
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
