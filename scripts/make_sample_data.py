@@ -547,7 +547,7 @@ France is Paris, matey!"), "You always answer in capital letters." ("THE CAPITAL
 "You answer with a single word." ("Paris."); "You are a helpful assistant." changes nothing.
 
 Non-English records (French, Spanish, German, Chinese, Japanese) hold greetings, identity, capitals,
-additions, thanks and goodbye in that language, with the same follow-up style ("Et de l'Italie ?",
+additions, thanks and goodbye in that language, with the same follow-up style ("Et du Japon ?",
 "那日本呢？").
 
 ## Statistics
