@@ -1,0 +1,93 @@
+"""Argument parsing: FastChat's train_vicuna_7b.sh flags land where they should; --config YAML; translations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatsft.compat import translate_flags
+from chatsft.config import parse_args
+from chatsft.errors import ConfigError
+
+VICUNA_7B = [
+    "--model_name_or_path", "~/model_weights/llama-7b", "--data_path", "data/dummy_conversation.json",
+    "--bf16", "True", "--output_dir", "output_vicuna_7b", "--num_train_epochs", "3",
+    "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--gradient_accumulation_steps", "16",
+    "--evaluation_strategy", "no", "--save_strategy", "steps", "--save_steps", "1200", "--save_total_limit", "10",
+    "--learning_rate", "2e-5", "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine",
+    "--logging_steps", "1", "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+    "--tf32", "True", "--model_max_length", "2048", "--gradient_checkpointing", "True", "--lazy_preprocess", "True",
+]
+
+
+@pytest.fixture()
+def gpu_like(monkeypatch):
+    """FastChat's script asks for bf16 and tf32, which TrainingArguments refuses on a CPU-only machine."""
+    import transformers.training_args as ta
+
+    monkeypatch.setattr(ta, "is_torch_bf16_gpu_available", lambda: True)
+    monkeypatch.setattr(ta, "is_torch_tf32_available", lambda: True)
+    monkeypatch.setattr(ta, "enable_tf32", lambda enabled: None)
+
+
+def test_fastchat_vicuna_flags_land(gpu_like):
+    model, data, train, notices = parse_args(VICUNA_7B)
+    assert model.model_name_or_path == "~/model_weights/llama-7b"
+    assert data.data_path == ["data/dummy_conversation.json"] and data.lazy_preprocess is True
+    assert train.bf16 is True and train.tf32 is True
+    assert train.output_dir == "output_vicuna_7b"
+    assert train.num_train_epochs == 3
+    assert (train.per_device_train_batch_size, train.per_device_eval_batch_size) == (2, 2)
+    assert train.gradient_accumulation_steps == 16
+    assert train.eval_strategy == "no"
+    assert (train.save_strategy, train.save_steps, train.save_total_limit) == ("steps", 1200, 10)
+    assert train.learning_rate == 2e-5 and train.weight_decay == 0.0
+    assert train.warmup_steps == 0.03
+    assert train.lr_scheduler_type == "cosine" and train.logging_steps == 1
+    assert train.fsdp is True
+    assert train.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert train.fsdp_config["reshard_after_forward"] is True
+    assert train.model_max_length == 2048
+    assert train.activation_checkpointing is True
+    assert notices == [
+        "--evaluation_strategy -> --eval_strategy (renamed in transformers 4.46)",
+        "--warmup_ratio -> --warmup_steps (transformers 5 takes a ratio in [0, 1) as --warmup_steps)",
+        "--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer -> --fsdp_config transformer_layer_cls_to_wrap "
+        "(moved into --fsdp_config)",
+        "--gradient_checkpointing -> --activation_checkpointing (renamed in transformers 5)",
+    ]
+
+
+def test_translate_bool_and_drop():
+    argv, notices = translate_flags(["--flash_attn", "True", "--group_by_length", "--save_safetensors", "True", "--x", "1"])
+    assert argv == ["--attn_implementation", "flash_attention_2", "--train_sampling_strategy", "group_by_length", "--x", "1"]
+    assert len(notices) == 3
+    argv, notices = translate_flags(["--flash_attn", "False"])
+    assert argv == [] and notices == []
+    argv, _ = translate_flags(["--evaluation_strategy=steps"])
+    assert argv == ["--eval_strategy", "steps"]
+
+
+def test_layer_cls_merges_into_given_fsdp_config():
+    argv, _ = translate_flags(["--fsdp_config", '{"version": 2}', "--fsdp_transformer_layer_cls_to_wrap", "A,B"])
+    assert json.loads(argv[argv.index("--fsdp_config") + 1]) == {"version": 2, "transformer_layer_cls_to_wrap": ["A", "B"]}
+
+
+def test_yaml_config_with_command_line_override(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model_name_or_path: m\ndata_path: [a.json, b.jsonl]\nlearning_rate: 1.0e-4\nuse_cpu: true\n"
+                   "output_dir: out\nloss_mode: last_response\n")
+    model, data, train, _ = parse_args(["--config", str(cfg), "--learning_rate", "3e-4"])
+    assert model.model_name_or_path == "m" and data.data_path == ["a.json", "b.jsonl"]
+    assert train.learning_rate == 3e-4 and train.use_cpu is True and data.loss_mode == "last_response"
+
+
+def test_bad_config_and_unknown_flags(tmp_path):
+    with pytest.raises(ConfigError, match="no such file|No such file"):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+    (tmp_path / "bad.yaml").write_text("a: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_args(["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(ConfigError, match="unknown arguments: --nonsense 1"):
+        parse_args(["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", "--nonsense", "1"])
