@@ -1,0 +1,346 @@
+"""Checkpoints and the final save, on a tiny Llama trained for real by the HF Trainer on CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from chatsft import checkpoint as ck
+from chatsft.errors import ConfigError
+from chatsft.plot import plot_loss
+
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+MESSAGES = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]
+TEXT = "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _tokenizer():
+    from chatsft.tiny import build_tokenizer
+
+    return build_tokenizer(["hello there, how are you? user assistant system"] * 10, vocab_size=300)
+
+
+def _trainer(tok, out: Path, max_steps: int = 10, model=None, callbacks=(), save_total_limit=None):
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from chatsft.tiny import build_model
+
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(8):
+        ids = torch.randint(10, len(tok), (12,), generator=g)
+        data.append({"input_ids": ids, "labels": ids.clone()})
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        max_steps=max_steps,
+        save_steps=2,
+        logging_steps=1,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        save_total_limit=save_total_limit,
+        learning_rate=1e-3,
+    )
+    marker = ck.CheckpointMarker()
+    model = model if model is not None else build_model(tok, hidden_size=32, layers=1, heads=2)
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=[marker, *callbacks])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 10-step run with a checkpoint every 2 steps: checkpoint-2 ... checkpoint-10, all marked."""
+    tok = _tokenizer()
+    out = tmp_path_factory.mktemp("run") / "out"
+    trainer = _trainer(tok, out)
+    trainer.train()
+    return out, trainer, tok
+
+
+@pytest.fixture()
+def run_copy(trained, tmp_path):
+    out, _, _ = trained
+    dest = tmp_path / "out"
+    shutil.copytree(out, dest)
+    return dest
+
+
+def _complete_folder(path: Path, step: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file({"w": torch.zeros(3)}, str(path / "model.safetensors"))
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    ck.write_marker(path, step)
+
+
+# ---- which checkpoint to resume from ------------------------------------------------------------------------
+
+
+def test_every_checkpoint_is_marked_and_the_newest_is_chosen_in_numeric_order(trained):
+    out, _, _ = trained
+    names = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert names == ["checkpoint-10", "checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    for name in names:
+        assert (out / name / ck.MARKER_NAME).is_file()
+        assert ck.checkpoint_problem(out / name) is None
+    assert ck.find_resume_checkpoint(out) == (out / "checkpoint-10", [])  # lexically, checkpoint-8 is last
+    listed = json.loads((out / "checkpoint-10" / ck.MARKER_NAME).read_text())["files"]
+    for name in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"):
+        assert name in listed
+
+
+def test_the_safetensors_check_reads_only_the_header(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"a": torch.ones(4), "b": torch.zeros(2, 3)}, str(path))
+    assert ck._safetensors_problem(path) is None
+    whole = path.read_bytes()
+    for damaged, reason in [
+        (whole[:-1], "but its header describes"),
+        (whole[:20], "cut off inside its header"),
+        (whole[:4], "shorter than a safetensors header"),
+        (whole[:8] + b"x" * (len(whole) - 8), "unreadable header"),
+    ]:
+        path.write_bytes(damaged)
+        assert reason in ck._safetensors_problem(path)
+
+
+def test_checkpoint_10_comes_after_checkpoint_9(tmp_path):
+    for step in (1, 9, 10):
+        _complete_folder(tmp_path / f"checkpoint-{step}", step)
+    assert ck.find_resume_checkpoint(tmp_path) == (tmp_path / "checkpoint-10", [])
+
+
+def test_no_output_dir_or_no_checkpoint_means_start_fresh(tmp_path):
+    assert ck.find_resume_checkpoint(tmp_path / "missing") == (None, [])
+    assert ck.find_resume_checkpoint(tmp_path) == (None, [])
+    assert ck.choose_resume(tmp_path) == (None, [])
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+DAMAGES = {
+    "marker missing": (lambda c: (c / ck.MARKER_NAME).unlink(), "chatsft-complete.json"),
+    "weights truncated": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors"),
+    "trainer state missing": (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+    "optimizer truncated": (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_checkpoint_is_skipped_with_a_notice(run_copy, damage):
+    harm, reason = DAMAGES[damage]
+    harm(run_copy / "checkpoint-10")
+    path, notices = ck.find_resume_checkpoint(run_copy)
+    assert path == run_copy / "checkpoint-8"
+    assert len(notices) == 1 and "checkpoint-10" in notices[0] and reason in notices[0]
+    assert ck.choose_resume(run_copy) == (str(run_copy / "checkpoint-8"), notices)
+    with pytest.raises(ConfigError, match=reason.replace(".", r"\.")):
+        ck.choose_resume(run_copy, str(run_copy / "checkpoint-10"))
+
+
+def test_a_marker_whose_step_disagrees_with_trainer_state_voids_the_checkpoint(run_copy):
+    state = json.loads((run_copy / "checkpoint-10" / "trainer_state.json").read_text())
+    state["global_step"] = 9
+    (run_copy / "checkpoint-10" / "trainer_state.json").write_text(json.dumps(state))
+    assert "step 9" in ck.checkpoint_problem(run_copy / "checkpoint-10")
+
+
+def test_explicit_and_overwrite_choices(run_copy):
+    assert ck.choose_resume(run_copy, str(run_copy / "checkpoint-4")) == (str(run_copy / "checkpoint-4"), [])
+    assert ck.choose_resume(run_copy, overwrite_output_dir=True) == (None, [])
+    assert ck.choose_resume(run_copy, resume_from_checkpoint=False) == (None, [])
+    for name in ("checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8", "checkpoint-10"):
+        (run_copy / name / ck.MARKER_NAME).unlink()
+    path, notices = ck.choose_resume(run_copy)
+    assert path is None and len(notices) == 6 and "from the beginning" in notices[-1]
+    with pytest.raises(ConfigError, match="not a folder"):
+        ck.validate_checkpoint(run_copy / "checkpoint-99")
+
+
+def test_resume_from_the_chosen_checkpoint_reaches_the_final_step_and_rotates(run_copy):
+    _truncate(run_copy / "checkpoint-10" / "model.safetensors")
+    resume, notices = ck.choose_resume(run_copy)
+    assert resume == str(run_copy / "checkpoint-8") and len(notices) == 1
+    trainer = _trainer(_tokenizer(), run_copy, save_total_limit=2)
+    trainer.train(resume_from_checkpoint=resume)
+    assert trainer.state.global_step == 10
+    assert trainer.args.save_total_limit is None  # rotation taken over by CheckpointMarker
+    assert sorted(p.name for p in run_copy.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-8"]
+    assert ck.find_resume_checkpoint(run_copy) == (run_copy / "checkpoint-10", [])  # re-written and re-marked
+    assert json.loads((run_copy / "checkpoint-10" / "trainer_state.json").read_text())["global_step"] == 10
+
+
+def test_a_folder_about_to_be_overwritten_loses_its_marker_first(run_copy):
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Probe(TrainerCallback):  # runs after CheckpointMarker, before the Trainer re-saves checkpoint-8
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 8:
+                seen["marker"] = (run_copy / "checkpoint-8" / ck.MARKER_NAME).exists()
+
+    resume, _ = ck.choose_resume(run_copy, str(run_copy / "checkpoint-6"))
+    trainer = _trainer(_tokenizer(), run_copy, max_steps=8, callbacks=[Probe()])
+    trainer.train(resume_from_checkpoint=resume)
+    assert seen == {"marker": False}
+    assert ck.find_resume_checkpoint(run_copy) == (run_copy / "checkpoint-10", [])
+    assert ck.checkpoint_problem(run_copy / "checkpoint-8") is None
+
+
+def test_rotation_keeps_complete_checkpoints_and_newer_incomplete_ones(tmp_path):
+    for step in (2, 4, 6):
+        _complete_folder(tmp_path / f"checkpoint-{step}", step)
+    (tmp_path / "checkpoint-1").mkdir()  # older and incomplete: garbage
+    (tmp_path / "checkpoint-8").mkdir()  # newer and incomplete: a save in progress is never touched
+
+    class State:
+        best_model_checkpoint = str(tmp_path / "checkpoint-2")
+
+    ck.CheckpointMarker(save_total_limit=1)._rotate(tmp_path, State())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6", "checkpoint-8"]
+
+
+# ---- the final save -----------------------------------------------------------------------------------------
+
+
+def _stop_ids(tok):
+    return [tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def _save(trainer, tok, out, **kw):
+    kw.setdefault("check_text", (MESSAGES, TEXT))
+    return ck.save_final(trainer, tok, out, chat_template=TEMPLATE, stop_token_ids=_stop_ids(tok), **kw)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_save_final_writes_a_checked_model_that_transformers_loads(trained, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    _, trainer, tok = trained
+    trainer.model.config.use_cache = False  # as gradient checkpointing leaves it
+    try:
+        out = _save(
+            trainer,
+            tok,
+            tmp_path / "final",
+            extra_files={"audit.json": json.dumps({"ok": 1}), "loss.png": PNG_SIGNATURE},
+        )
+    finally:
+        trainer.model.config.use_cache = True
+    assert out == tmp_path / "final"
+    assert not (out / ck.FINAL_TMP_NAME).exists() and not list(out.glob(".*"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.use_cache is True
+    expected = trainer.model.state_dict()
+    assert set(model.state_dict()) == set(expected)
+    assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
+    eos = GenerationConfig.from_pretrained(out).eos_token_id
+    assert isinstance(eos, list) and set(_stop_ids(tok)) <= set(eos) and tok.eos_token_id in eos
+    reloaded = AutoTokenizer.from_pretrained(out)
+    assert reloaded.apply_chat_template(MESSAGES, tokenize=False) == TEXT
+    assert tok.chat_template is None  # the caller's tokenizer is left as it was
+    assert json.loads((out / "audit.json").read_text()) == {"ok": 1}
+    assert (out / "loss.png").read_bytes() == PNG_SIGNATURE
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 10
+    marker = json.loads((out / ck.FINAL_MARKER_NAME).read_text())
+    assert "model.safetensors" in marker["files"] and "tokenizer_config.json" in marker["files"]
+
+
+def test_a_failed_check_leaves_the_previous_final_model_untouched(trained, tmp_path, monkeypatch):
+    _, trainer, tok = trained
+    out = _save(trainer, tok, tmp_path / "final")
+    before = _snapshot(out)
+    with pytest.raises(ConfigError, match="renders a sample differently"):
+        _save(trainer, tok, out, check_text=(MESSAGES, TEXT.replace("hello", "hullo")))
+    assert _snapshot(out) == before
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tensor differs")
+
+    monkeypatch.setattr(ck, "_compare_state_dicts", broken)
+    with pytest.raises(RuntimeError, match="tensor differs"):
+        _save(trainer, tok, out)
+    assert _snapshot(out) == before
+    assert not (out / ck.FINAL_TMP_NAME).exists()
+
+
+def test_a_new_final_model_replaces_the_old_one_and_its_stale_weight_files(trained, tmp_path):
+    _, trainer, tok = trained
+    out = tmp_path / "final"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale shard")
+    (out / "model.safetensors.index.json").write_text("{}")
+    shutil.copytree(trained[0] / "checkpoint-2", out / "checkpoint-2")
+    _save(trainer, tok, out, extra_files={"old.txt": "x"})
+    _save(trainer, tok, out)
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and "checkpoint-2" in names
+    assert not names & {"model-00001-of-00002.safetensors", "model.safetensors.index.json", "old.txt"}
+    assert ck.checkpoint_problem(out / "checkpoint-2") is None
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # inside peft
+def test_a_peft_model_saves_its_adapter_and_a_verified_merged_model(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from chatsft.tiny import build_model
+
+    tok = _tokenizer()
+    peft_model = get_peft_model(
+        build_model(tok, hidden_size=32, layers=1, heads=2),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    trainer = _trainer(tok, tmp_path / "run", model=peft_model)
+    out = _save(trainer, tok, tmp_path / "final", merge=True)
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out / ck.MERGED_SUBDIR)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft_model(input_ids=ids).logits, atol=1e-5)
+    assert hasattr(trainer.model, "peft_config")  # the trained model keeps its adapter
+
+
+# ---- the loss curve -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_eval", [False, True])
+def test_plot_loss_writes_a_png(tmp_path, with_eval):
+    history = [{"loss": 3.0 - 0.1 * s, "step": s} for s in range(1, 11)]
+    if with_eval:
+        history += [{"eval_loss": 2.5, "step": 5}, {"eval_loss": 2.2, "step": 10}]
+    history.append({"train_loss": 2.5, "step": 10})
+    path = plot_loss(history, tmp_path / "plots" / "loss.png")
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+
+
+def test_plot_loss_with_no_points_never_touches_pyplot(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, chatsft.plot as p; assert 'matplotlib' not in sys.modules; "
+        f"p.plot_loss([], {str(tmp_path / 'empty.png')!r}); assert 'matplotlib.pyplot' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "empty.png").read_bytes().startswith(PNG_SIGNATURE)
