@@ -1,0 +1,128 @@
+"""Throughput and efficiency figures logged with the loss: tokens/s, trained tokens/s, and which share of
+the computed positions is trained and which is padding.
+
+Counting happens on the CPU, in the collator (`CountingCollator` adds a small dict of ints under
+`collate.STATS_KEY` to every batch; it survives dataloader workers and the move to the device untouched).
+The training step hands each micro-batch's counts to a `TokenMeter` (`meter.take(inputs)` in
+`compute_loss`), so only batches that were really trained on are counted, once each, whatever the dataloader
+prefetches; the counts add up over all micro-batches between two logs, which keeps them right under gradient
+accumulation. `ThroughputCallback` turns them into rates when the Trainer logs the loss (summed over ranks
+when torch.distributed is initialised: `on_log` runs on every rank) and adds them to the logged dict and to
+`state.log_history`. Install it with `ThroughputCallback.install(trainer)`, which puts it before the
+printing and reporting callbacks so that they show the figures too.
+
+Definitions, per logging interval: computed = positions the model runs (`input_ids.numel()`, padding
+included); tokens = computed - padding (padding = `attention_mask == 0`; packed batches have none); trained
+= targets in the loss (`labels[:, 1:] != -100`, the count the HF Trainer uses for `num_items_in_batch`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import TrainerCallback
+
+from chatsft.collate import IGNORE_INDEX, STATS_KEY
+
+FIELDS = ("examples", "computed", "tokens", "trained")
+
+
+def batch_stats(batch: dict) -> dict[str, int]:
+    """Counts of one collated batch (CPU tensors): examples, computed, tokens, trained."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    computed = input_ids.numel()
+    mask = batch.get("attention_mask")
+    tokens = int(mask.sum()) if mask is not None else computed
+    if "position_ids" in batch and mask is None:
+        examples = int((batch["position_ids"] == 0).sum())
+    else:
+        examples = input_ids.shape[0]
+    trained = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return {"examples": examples, "computed": computed, "tokens": tokens, "trained": trained}
+
+
+class CountingCollator:
+    """Wrap a collator: every batch then carries its counts under `STATS_KEY` (popped before the model)."""
+
+    def __init__(self, collator: Callable):
+        self.collator = collator
+
+    def __call__(self, features) -> dict:
+        batch = self.collator(features)
+        batch[STATS_KEY] = batch_stats(batch)
+        return batch
+
+
+class TokenMeter:
+    """Adds up batch counts between two logs and turns them into the logged figures."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.totals = dict.fromkeys(FIELDS, 0)
+        self.since = clock()
+
+    def start(self) -> None:
+        self.totals = dict.fromkeys(FIELDS, 0)
+        self.since = self.clock()
+
+    def add(self, stats: dict[str, int] | None) -> None:
+        if stats:
+            for k in FIELDS:
+                self.totals[k] += int(stats[k])
+
+    def take(self, inputs: dict) -> None:
+        """Pop the counts out of a batch and add them (call once per trained micro-batch)."""
+        self.add(inputs.pop(STATS_KEY, None))
+
+    def log_fields(self, device: torch.device | str | None = None) -> dict[str, float]:
+        """Figures for the interval since the last call (or `start`), then start a new interval.
+
+        With torch.distributed initialised, counts are summed over ranks (every rank must call this).
+        """
+        now = self.clock()
+        elapsed = max(now - self.since, 1e-9)
+        counts = [self.totals[k] for k in FIELDS]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            t = torch.tensor(counts, dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            counts = [int(v) for v in t.tolist()]
+        total = dict(zip(FIELDS, counts))
+        self.totals = dict.fromkeys(FIELDS, 0)
+        self.since = now
+        computed = total["computed"]
+        if not computed:
+            return {}
+        return {
+            "tokens_per_second": round(total["tokens"] / elapsed, 1),
+            "trained_tokens_per_second": round(total["trained"] / elapsed, 1),
+            "trained_fraction": round(total["trained"] / computed, 4),
+            "padding_fraction": round((computed - total["tokens"]) / computed, 4),
+        }
+
+
+class ThroughputCallback(TrainerCallback):
+    """Adds the meter's figures to every training log (the dict that carries `loss`)."""
+
+    def __init__(self, meter: TokenMeter | None = None):
+        self.meter = meter or TokenMeter()
+
+    @classmethod
+    def install(cls, trainer, meter: TokenMeter | None = None) -> ThroughputCallback:
+        """Create one and put it first among the callbacks, so that printers and reporters see its figures."""
+        callback = cls(meter)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.meter.start()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "loss" not in logs:
+            return
+        fields = self.meter.log_fields(device=getattr(args, "device", None))
+        logs.update(fields)
+        if state.log_history and state.log_history[-1].get("loss") == logs["loss"]:
+            state.log_history[-1].update(fields)
