@@ -1,0 +1,439 @@
+"""Conversations -> examples (`input_ids`, `labels`): loss modes, exact masking, truncation, and the audit.
+
+Method: render once, tokenize the whole rendered text once, mask by character spans (DESIGN's first method),
+plus one repair. The ids come from one call of the tokenizer's own backend on the whole string
+(`tokenizer(text, add_special_tokens=False)`; the BOS is part of the rendered text), so for ordinary content
+they are, by construction, what the model sees at inference from the same chat template, including the merges
+a SentencePiece tokenizer makes across piece boundaries and its prefix-space rule (Metaspace
+"first"/"always"), which tokenizing piece by piece gets wrong. A token is trained when its character span lies
+in a trainable segment; a token that straddles a trained/untrained boundary rejects the record
+(`token_straddles_boundary`): nothing is guessed and no example is zeroed. The repair: a control token (a
+special token, or a marker the template writes) spelled inside a message is replaced by the ids of its
+spelling encoded as plain text in the same place (with the rest of its piece, up to the next control token the
+tokenizer splits at, so no phantom prefix space follows it), so a reply mentioning `</s>` never teaches the
+model to stop and a user cannot inject control tokens. Such records necessarily differ from naive inference
+tokenization (which would read the control token), and only in those pieces; transformers'
+`apply_chat_template(..., sanitize_control_tokens=True)` follows the same rule at inference. Split examples
+get ids `ID#k`, k = 0 for the record's first assistant reply.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from chatsft.errors import ConfigError
+from chatsft.records import Conversation
+from chatsft.templates import ASSISTANT, USER, RenderError, Segment, Template, check_messages, render
+
+IGNORE_INDEX = -100
+LOSS_MODES = ("assistant_turns", "last_response", "split_turns", "all_tokens")
+_FLAG_MODES = {
+    "efficient_loss": "assistant_turns",
+    "last_response_loss": "last_response",
+    "split_example_loss": "split_turns",
+}
+_PRIME = (
+    "\ue000chatsft\ue001"  # an added token put before a piece so it is encoded as mid-text, not text start
+)
+
+
+def loss_mode_from_flags(
+    loss_mode: str | None = None,
+    efficient_loss: bool = False,
+    last_response_loss: bool = False,
+    split_example_loss: bool = False,
+) -> str:
+    """`--loss_mode` or FastChat's Yuan2 booleans -> one loss mode. Pass loss_mode=None when the flag was not
+    given."""
+    flags = {
+        "efficient_loss": efficient_loss,
+        "last_response_loss": last_response_loss,
+        "split_example_loss": split_example_loss,
+    }
+    given = {f"--{k}": v for k, v in _FLAG_MODES.items() if flags[k]}
+    if loss_mode:
+        if loss_mode not in LOSS_MODES:
+            raise ConfigError(f"unknown --loss_mode {loss_mode!r}; choose from {', '.join(LOSS_MODES)}")
+        given[f"--loss_mode {loss_mode}"] = loss_mode
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(given)} both choose the loss; give one of them")
+    return next(iter(given.values()), "assistant_turns")
+
+
+@dataclass
+class Example:
+    id: str
+    text: str
+    input_ids: list[int]
+    labels: list[int]
+    spans: list[tuple[int, int]] | None = field(default=None, repr=False)  # char span of each token in `text`
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "text": self.text, "input_ids": self.input_ids, "labels": self.labels}
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    """The last trained token of a trained assistant turn."""
+
+    example: str
+    turn: int
+    position: int  # index of that token in the example
+    token_id: int | None  # None: cut off by truncation
+    marker: str  # the end-of-turn text the template wrote
+    stops: bool  # whether the template means `marker` to end generation (yuan2's '<n>' does not)
+
+
+@dataclass
+class Encoded:
+    """What happened to one record."""
+
+    id: str
+    examples: list[Example] = field(default_factory=list)
+    rejected: str | None = None
+    detail: str = ""
+    truncated: int = 0
+    dropped: int = 0
+    turn_ends: list[TurnEnd] = field(default_factory=list)
+
+
+class Encoder:
+    """Encodes `records.Conversation`s with one template and tokenizer. Picklable (for `datasets.map`
+    workers)."""
+
+    def __init__(
+        self, template: Template, tokenizer, loss_mode: str = "assistant_turns", max_length: int | None = None
+    ):
+        if loss_mode not in LOSS_MODES:
+            raise ConfigError(f"unknown loss mode {loss_mode!r}; choose from {', '.join(LOSS_MODES)}")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError("chatsft needs a fast (tokenizers-backed) tokenizer for exact masking")
+        self.template, self.tokenizer, self.loss_mode, self.max_length = (
+            template,
+            tokenizer,
+            loss_mode,
+            max_length,
+        )
+        self.bos, self.eos = tokenizer.bos_token, tokenizer.eos_token
+        added = tokenizer.get_added_vocab()
+        for marker in template.markers:
+            token = template.resolve(marker, self.bos, self.eos)
+            if not token:
+                raise ConfigError(
+                    f"the {template.name} template needs the tokenizer's {marker.strip('{}').upper()} "
+                    "token, and this tokenizer has none"
+                )
+            if token not in added:
+                raise ConfigError(
+                    f"the {template.name} template writes the control token {token!r}, which is not a "
+                    f"token of this tokenizer: add it with --add_special_tokens {token!r} "
+                    "(the embeddings are resized)"
+                )
+        control = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        control |= {template.resolve(m, self.bos, self.eos) for m in template.markers}
+        if template.chat_template is not None:
+            control |= {t for t in template.control_tokens if t in template.chat_template}
+        self.control_ids = {added[t]: t for t in control if t in added}
+        self.added_ids = set(added.values())
+        self.stops = {template.resolve(s, self.bos, self.eos) for s in template.stop}
+        self._backends = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_backends": {}}
+
+    # ---- records -> examples ----
+
+    def encode(self, conv: Conversation, keep_spans: bool = False) -> Encoded:
+        result = Encoded(id=conv.id)
+        try:
+            for ex_id, messages, trained in self.views(conv):
+                segments = render(self.template, messages, trained, bos=self.bos, eos=self.eos)
+                example, ends = self.encode_segments(
+                    segments, ex_id, train_all=self.loss_mode == "all_tokens"
+                )
+                self._truncate(example, ends, result)
+                if not keep_spans:
+                    example.spans = None
+        except RenderError as err:
+            return Encoded(id=conv.id, rejected=err.reason, detail=err.detail)
+        return result
+
+    def views(self, conv: Conversation) -> list[tuple[str, list[dict], set[int] | None]]:
+        """(example id, messages, trained assistant indices) per example the loss mode makes of a record."""
+        messages = list(conv.messages)
+        check_messages(messages)
+        if messages[-1]["role"] == USER:
+            messages = messages[:-1]  # a trailing user turn has no reply to train
+        replies = [i for i, m in enumerate(messages) if m["role"] == ASSISTANT]
+        if not replies:
+            raise RenderError("no_assistant_reply", "the record has no assistant reply to train")
+        if self.loss_mode == "last_response":
+            return [(conv.id, messages, {replies[-1]})]
+        if self.loss_mode == "split_turns":
+            return [(f"{conv.id}#{k}", messages[: i + 1], {i}) for k, i in enumerate(replies)]
+        return [(conv.id, messages, None)]
+
+    def _truncate(self, example: Example, ends: list[TurnEnd], result: Encoded) -> None:
+        limit = self.max_length
+        if limit is not None and len(example.input_ids) > limit:
+            result.truncated += 1
+            example.input_ids, example.labels = example.input_ids[:limit], example.labels[:limit]
+            if example.spans is not None:
+                example.spans = example.spans[:limit]
+            ends = [e if e.position < limit else replace(e, token_id=None) for e in ends]
+            if all(label == IGNORE_INDEX for label in example.labels):
+                result.dropped += 1
+                return
+        result.examples.append(example)
+        result.turn_ends.extend(ends)
+
+    # ---- segments -> ids and labels ----
+
+    def encode_segments(self, segments: list[Segment], example_id: str = "", train_all: bool = False):
+        """Tokenize the rendered text once and label each token from the segment(s) its span covers."""
+        text = "".join(s.text for s in segments)
+        starts, pos = [], 0
+        for s in segments:
+            starts.append(pos)
+            pos += len(s.text)
+
+        def covered(s: int, e: int) -> list[Segment]:
+            a = bisect.bisect_right(starts, s) - 1
+            return segments[a : max(a, bisect.bisect_right(starts, e - 1) - 1) + 1]
+
+        enc = self._naive().encode(text, add_special_tokens=False)
+        tokens = self._sanitize(text, list(zip(enc.ids, enc.offsets)), covered)
+        ids, labels, spans, last = [], [], [], {}
+        for tok, (s, e) in tokens:
+            cover = covered(s, e)
+            trainable = train_all or cover[0].trainable
+            if not train_all and any(c.trainable != trainable for c in cover):
+                raise RenderError(
+                    "token_straddles_boundary", f"token {text[s:e]!r} is part trained, part not"
+                )
+            ids.append(tok)
+            labels.append(tok if trainable else IGNORE_INDEX)
+            spans.append((s, e))
+            if trainable and not train_all:
+                last[cover[-1].turn] = len(ids) - 1
+        ends = []
+        for turn, index in sorted(last.items()):
+            marker = next(
+                (s.text for s in reversed(segments) if s.turn == turn and s.trainable and not s.content), ""
+            )
+            stops = (
+                any(marker.endswith(x) for x in self.stops)
+                if self.template.chat_template is None
+                else ids[index] in self.control_ids
+            )
+            ends.append(TurnEnd(example_id, turn, index, ids[index], marker, stops))
+        return Example(example_id, text, ids, labels, spans), ends
+
+    def _sanitize(self, text: str, tokens: list, covered) -> list:
+        """Replace each control token read from message text, and the rest of its piece (the text up to the
+        next added token the tokenizer splits at), by the plain-text encoding of that stretch, encoded
+        mid-text."""
+        bad = set()
+        for k, (tok, (s, e)) in enumerate(tokens):
+            if tok in self.control_ids:
+                content = [c.content for c in covered(s, e)]
+                if all(content):
+                    bad.add(k)
+                elif any(content):
+                    raise RenderError(
+                        "control_token_across_boundary", f"{text[s:e]!r} joins message and template"
+                    )
+        if not bad:
+            return tokens
+        out, k = [], 0
+        while k < len(tokens):
+            if k not in bad:
+                out.append(tokens[k])
+                k += 1
+                continue
+            j = k + 1
+            while j < len(tokens) and (j in bad or tokens[j][0] not in self.added_ids):
+                j += 1
+            s, e = tokens[k][1][0], tokens[j][1][0] if j < len(tokens) else len(text)
+            plain = self._plain(text[s:e], s)
+            if any(t in self.control_ids for t, _ in plain):
+                raise RenderError(
+                    "control_token_in_text", f"{text[s:e]!r} encodes to a control token as text"
+                )
+            out += plain
+            k = j
+        return out
+
+    def _naive(self):
+        """The tokenizer's backend, as `tokenizer(text, add_special_tokens=False)` calls it. A private copy
+        when the shared one would not give whole-token offsets (a post-processor that trims them) or has
+        truncation set."""
+        backend = self.tokenizer.backend_tokenizer
+        post = backend.post_processor.__getstate__() if backend.post_processor is not None else b""
+        if b'"trim_offsets":true' not in post and backend.truncation is None and backend.padding is None:
+            backend.encode_special_tokens = (
+                False  # as transformers sets it on every call without split_special_tokens
+            )
+            return backend
+        if self._backends.get("naive") is None:
+            from tokenizers import Tokenizer
+
+            source = json.loads(backend.to_str())
+            source["post_processor"] = source["truncation"] = source["padding"] = None
+            self._backends["naive"] = Tokenizer.from_str(json.dumps(source))
+        return self._backends["naive"]
+
+    def _plain_backend(self):
+        """A copy of the backend that matches no added token but `_PRIME` (built on first use: few records
+        need it)."""
+        if self._backends.get("plain") is None:
+            from tokenizers import AddedToken, Tokenizer
+
+            source = json.loads(self.tokenizer.backend_tokenizer.to_str())
+            source["post_processor"] = source["truncation"] = source["padding"] = None
+            for t in source["added_tokens"]:
+                t["special"] = True
+            _no_phantom_space(source["pre_tokenizer"])
+            plain = Tokenizer.from_str(json.dumps(source))
+            plain.encode_special_tokens = True
+            plain.add_tokens([AddedToken(_PRIME, special=False, normalized=False)])
+            self._backends["plain"] = (plain, plain.token_to_id(_PRIME))
+        return self._backends["plain"]
+
+    def _plain(self, piece: str, start: int) -> list[tuple[int, tuple[int, int]]]:
+        """`piece` (at `start` in the text) encoded as plain text, as mid-text (after `_PRIME`) unless start
+        == 0."""
+        plain, prime_id = self._plain_backend()
+        enc = plain.encode(piece if start == 0 else _PRIME + piece, add_special_tokens=False)
+        shift = start - (0 if start == 0 else len(_PRIME))
+        pairs = [(t, (s + shift, e + shift)) for t, (s, e) in zip(enc.ids, enc.offsets)]
+        if start:
+            assert pairs[0][0] == prime_id
+            pairs = pairs[1:]
+        return pairs
+
+
+def _no_phantom_space(node) -> None:
+    """Legacy SentencePiece (Metaspace prepend "always") puts a space before the text after every added token;
+    a control token spelled in a message must decode to itself, so the plain encoder prepends only at text
+    start."""
+    if isinstance(node, dict):
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "always":
+            node["prepend_scheme"] = "first"
+        for child in node.get("pretokenizers", []):
+            _no_phantom_space(child)
+
+
+def decode_exact(tokenizer, ids: list[int]) -> str:
+    """Decode `ids` keeping a leading space (SentencePiece decoders strip the first one): decode after an
+    anchor."""
+    anchor = tokenizer.encode("a", add_special_tokens=False)
+    kwargs = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
+    head, full = tokenizer.decode(anchor, **kwargs), tokenizer.decode(anchor + list(ids), **kwargs)
+    assert full.startswith(head)
+    return full[len(head) :]
+
+
+def stop_token_ids(tokenizer, generation_config=None, extra=()) -> tuple[int, ...]:
+    """The ids that end generation: the tokenizer's EOS and `generation_config.eos_token_id` (int or list)."""
+    found = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    eos = (
+        getattr(generation_config, "eos_token_id", None)
+        if not isinstance(generation_config, dict)
+        else generation_config.get("eos_token_id")
+    )
+    found |= set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+    return tuple(sorted(found | set(extra)))
+
+
+@dataclass
+class Audit:
+    """Counts over a data set, and the check that each trained reply ends in a token that stops generation."""
+
+    stop_ids: tuple[int, ...] = ()
+    records: int = 0
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    first_rejected: dict[str, str] = field(default_factory=dict)
+    trained_turns: int = 0
+    turns_end_in_stop: int = 0
+    turns_end_in_separator: int = (
+        0  # yuan2 assistant_turns: a non-final reply ends in '<n>' by FastChat's format
+    )
+    turns_cut: int = 0
+    turns_missing_stop: dict[str, int] = field(
+        default_factory=dict
+    )  # marker -> count: model will not stop there
+
+    def add(self, result: Encoded) -> None:
+        self.records += 1
+        if result.rejected:
+            self.rejected[result.rejected] = self.rejected.get(result.rejected, 0) + 1
+            self.first_rejected.setdefault(result.rejected, result.id)
+            return
+        self.truncated += result.truncated
+        self.dropped += result.dropped
+        for ex in result.examples:
+            self.examples += 1
+            self.tokens += len(ex.input_ids)
+            self.trained_tokens += sum(label != IGNORE_INDEX for label in ex.labels)
+        for end in result.turn_ends:
+            self.trained_turns += 1
+            if end.token_id is None:
+                self.turns_cut += 1
+            elif not end.stops:
+                self.turns_end_in_separator += 1
+            elif end.token_id in self.stop_ids:
+                self.turns_end_in_stop += 1
+            else:
+                self.turns_missing_stop[end.marker] = self.turns_missing_stop.get(end.marker, 0) + 1
+
+    @property
+    def ok(self) -> bool:
+        return not self.turns_missing_stop
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "stop_ids": list(self.stop_ids), "ok": self.ok}
+
+    def write(self, path) -> None:
+        Path(path).write_text(
+            json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+
+    def format(self) -> str:
+        pct = f" ({100 * self.trained_tokens / self.tokens:.1f}%)" if self.tokens else ""
+        rows = [
+            ("records", self.records),
+            ("rejected", sum(self.rejected.values())),
+            ("examples", self.examples),
+            ("truncated", self.truncated),
+            ("dropped (nothing left to train)", self.dropped),
+            ("tokens", self.tokens),
+            ("trained tokens", f"{self.trained_tokens}{pct}"),
+            ("trained turns", self.trained_turns),
+            ("  end in a stop token", self.turns_end_in_stop),
+        ]
+        if self.turns_end_in_separator:
+            rows.append(("  end in '<n>' (yuan2 format)", self.turns_end_in_separator))
+        if self.turns_cut:
+            rows.append(("  cut by truncation", self.turns_cut))
+        rows += [(f"  end in {m!r}, not a stop id", n) for m, n in self.turns_missing_stop.items()]
+        rows += [
+            (f"rejected: {r}", f"{n} (first: {self.first_rejected[r]})")
+            for r, n in sorted(self.rejected.items())
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{name:<{width}}  {value}" for name, value in rows]
+        if self.turns_missing_stop:
+            lines.append(
+                f"warning: generation stops on ids {list(self.stop_ids)}; add the end-of-turn token's id "
+                "to generation_config.eos_token_id or the model will not stop"
+            )
+        return "\n".join(lines)

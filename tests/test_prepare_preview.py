@@ -1,0 +1,263 @@
+"""`chatsft prepare` and `chatsft preview` through the CLI dispatcher, on small files and real tokenizers."""
+
+from __future__ import annotations
+
+import json
+
+from chatsft.cli import main
+from chatsft.encode import IGNORE_INDEX, Encoder
+from chatsft.records import Conversation
+from chatsft.templates import BUILTINS
+
+RECORDS = [
+    {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+    {
+        "id": "b",
+        "conversations": [
+            {"from": "human", "value": "What ends text?"},
+            {"from": "gpt", "value": "The token </s> does."},
+            {"from": "human", "value": "And <s>?"},
+            {"from": "gpt", "value": "It starts it."},
+        ],
+    },
+    {"id": "empty", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]},
+    {
+        "id": "c",
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"},
+        ],
+    },
+]
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_prepare_writes_examples_in_order_with_the_audit(
+    write_file, mistral_dir, mistral_tokenizer, tmp_path, capsys
+):
+    data = write_file("data.json", RECORDS)
+    out = tmp_path / "out" / "examples.jsonl"
+    code = main(
+        [
+            "prepare",
+            "--data_path",
+            str(data),
+            "--model_name_or_path",
+            str(mistral_dir),
+            "--conv_template",
+            "vicuna_v1.1",
+            "--output",
+            str(out),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0
+    rows = lines(out)
+    assert [r["id"] for r in rows] == [
+        "a",
+        "b",
+        "c",
+    ]  # input order; 'empty' was rejected by the records layer
+    assert set(rows[0]) == {"id", "text", "input_ids", "labels"}
+    encoder = Encoder(BUILTINS["vicuna_v1.1"], mistral_tokenizer, max_length=2048)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    expected = encoder.encode(Conversation("a", messages)).examples[0]
+    assert rows[0]["input_ids"] == expected.input_ids and rows[0]["labels"] == expected.labels
+    assert rows[0]["text"].endswith("USER: Hi ASSISTANT: Hello!</s>")
+    assert rows[1]["labels"].count(mistral_tokenizer.eos_token_id) == 2  # the reply's '</s>' is text, not EOS
+    audit = json.loads((tmp_path / "out" / "examples.audit.json").read_text())
+    assert (audit["records"], audit["examples"], audit["trained_turns"], audit["ok"]) == (3, 3, 4, True)
+    assert "records read      4" in printed and "trained turns" in printed and "vicuna_v1.1" in printed
+
+
+def test_prepare_loss_mode_flags_and_split_ids(write_file, mistral_dir, tmp_path, capsys):
+    data = write_file("data.jsonl", "\n".join(json.dumps(r) for r in RECORDS[:2]))
+    out = tmp_path / "split.jsonl"
+    assert (
+        main(
+            [
+                "prepare",
+                "--data_path",
+                str(data),
+                "--model_name_or_path",
+                str(mistral_dir),
+                "--split_example_loss",
+                "--output",
+                str(out),
+                "--audit",
+                str(tmp_path / "a.json"),
+            ]
+        )
+        == 0
+    )
+    assert [r["id"] for r in lines(out)] == ["a#0", "b#0", "b#1"]
+    assert json.loads((tmp_path / "a.json").read_text())["examples"] == 3
+    code = main(
+        [
+            "prepare",
+            "--data_path",
+            str(data),
+            "--model_name_or_path",
+            str(mistral_dir),
+            "--last_response_loss",
+            "--split_example_loss",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 2 and "--last_response_loss and --split_example_loss" in capsys.readouterr().err
+
+
+def test_prepare_truncates_and_counts(write_file, mistral_dir, tmp_path, capsys):
+    data = write_file("data.json", RECORDS[:2])
+    out = tmp_path / "short.jsonl"
+    assert (
+        main(
+            [
+                "prepare",
+                "--data_path",
+                str(data),
+                "--model_name_or_path",
+                str(mistral_dir),
+                "--model_max_length",
+                "48",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rows = lines(out)
+    assert all(len(r["input_ids"]) <= 48 for r in rows)
+    audit = json.loads(out.with_suffix(".audit.json").read_text())
+    assert audit["truncated"] >= 1 and audit["examples"] + audit["dropped"] == 2
+
+
+def test_prepare_missing_marker_suggests_add_special_tokens(write_file, mistral_dir, tmp_path, capsys):
+    data = write_file("data.json", RECORDS[:1])
+    out = tmp_path / "chatml.jsonl"
+    args = [
+        "prepare",
+        "--data_path",
+        str(data),
+        "--model_name_or_path",
+        str(mistral_dir),
+        "--conv_template",
+        "chatml",
+        "--output",
+        str(out),
+    ]
+    assert main(args) == 2
+    assert "--add_special_tokens" in capsys.readouterr().err
+    assert main([*args, "--add_special_tokens", "<|im_start|>", "<|im_end|>"]) == 0
+    (row,) = lines(out)
+    assert row["text"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    # as in `chatsft train` (which saves them in generation_config) the template's stop tokens are stop ids
+    audit = json.loads(out.with_suffix(".audit.json").read_text())
+    assert audit["ok"] and audit["stop_ids"] == [2, row["input_ids"][-2]] and row["input_ids"][-2] >= 32000
+
+
+def test_prepare_from_a_model_folder_uses_its_chat_template(write_file, bpe_tokenizer, tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    folder = tmp_path / "model"
+    bpe_tokenizer.chat_template = BUILTINS["chatml"].jinja()
+    try:
+        bpe_tokenizer.save_pretrained(folder)
+    finally:
+        bpe_tokenizer.chat_template = None
+    LlamaConfig(
+        vocab_size=len(bpe_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    ).save_pretrained(folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
+    data = write_file("data.json", RECORDS[:1])
+    out = tmp_path / "tok.jsonl"
+    assert (
+        main(["prepare", "--data_path", str(data), "--model_name_or_path", str(folder), "--output", str(out)])
+        == 0
+    )
+    assert "the tokenizer's own chat_template" in capsys.readouterr().out
+    (row,) = lines(out)
+    assert row["text"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    trained = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    assert trained[-1] == 5  # '<|im_end|>', a stop id of this model's generation config
+    assert json.loads(out.with_suffix(".audit.json").read_text())["ok"] is True
+
+
+def test_preview_terminal_and_html(write_file, mistral_dir, tmp_path, capsys):
+    data = write_file("data.json", RECORDS)
+    page = tmp_path / "preview.html"
+    assert (
+        main(
+            [
+                "preview",
+                "--data_path",
+                str(data),
+                "--model_name_or_path",
+                str(mistral_dir),
+                "--index",
+                "1",
+                "--color",
+                "never",
+                "--html",
+                str(page),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "« The token </s> does.</s>»" in out and "« It starts it.</s>»" in out
+    assert "USER: And <s>? ASSISTANT:" in out
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and 'class="t' in text and "&lt;/s&gt;" in text
+    assert (
+        main(
+            [
+                "preview",
+                "--data_path",
+                str(data),
+                "--model_name_or_path",
+                str(mistral_dir),
+                "--id",
+                "c",
+                "--color",
+                "always",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "\033[30;42m" in out and "record c " in out and "Be terse." not in out  # coloured token by token
+    assert (
+        main(["preview", "--data_path", str(data), "--model_name_or_path", str(mistral_dir), "--index", "9"])
+        == 2
+    )
+    assert "3 accepted records" in capsys.readouterr().err
+
+
+def test_preview_reports_a_rejected_record(write_file, mistral_dir, tmp_path, capsys):
+    """A tokenizer whose own template refuses system messages: that record is rejected with the reason."""
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(mistral_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
+        "{% endif %}" + BUILTINS["mistral"].jinja()
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    data = write_file("data.json", RECORDS)
+    args = ["preview", "--data_path", str(data), "--model_name_or_path", str(folder)]
+    assert main([*args, "--id", "c"]) == 1
+    assert "rejected: template_error: no system role" in capsys.readouterr().out
+    assert main([*args, "--id", "a", "--color", "never"]) == 0
+    assert "<s>[INST] Hi [/INST]« Hello!</s>»" in capsys.readouterr().out

@@ -1,0 +1,283 @@
+"""Templates: golden strings for every built-in, the exported Jinja chat_template against transformers, and
+the tokenizer's own template (segments found without {% generation %} markers)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import BPE_CORPUS
+
+from chatsft.errors import ConfigError
+from chatsft.templates import (
+    BUILTINS,
+    RenderError,
+    Segment,
+    get_template,
+    render,
+    render_text,
+    template_from_tokenizer,
+)
+
+EXTRA_MARKERS = [
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<reserved_102>",
+    "<reserved_103>",
+    "<reserved_106>",
+    "<reserved_107>",
+]
+
+QA = [
+    {"role": "user", "content": "q1"},
+    {"role": "assistant", "content": "a1"},
+    {"role": "user", "content": "q2"},
+    {"role": "assistant", "content": "a2"},
+]
+SQA = [{"role": "system", "content": "SYS"}, *QA]
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
+
+GOLDEN = {
+    "vicuna_v1.1": (
+        f"<s>{VICUNA_SYSTEM} USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>",
+        "<s>SYS USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>",
+    ),
+    "baichuan-chat": (
+        "<reserved_102>q1<reserved_103>a1</s><reserved_102>q2<reserved_103>a2</s>",
+        "SYS<reserved_102>q1<reserved_103>a1</s><reserved_102>q2<reserved_103>a2</s>",
+    ),
+    "baichuan2-chat": (
+        "<reserved_106>q1<reserved_107>a1</s><reserved_106>q2<reserved_107>a2</s>",
+        "SYS<reserved_106>q1<reserved_107>a1</s><reserved_106>q2<reserved_107>a2</s>",
+    ),
+    "llama-2": (
+        "<s>[INST] q1 [/INST] a1 </s><s>[INST] q2 [/INST] a2 </s>",
+        "<s>[INST] <<SYS>>\nSYS\n<</SYS>>\n\nq1 [/INST] a1 </s><s>[INST] q2 [/INST] a2 </s>",
+    ),
+    "llama-3": (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nq1<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\na1<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nq2<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\na2<|eot_id|>",
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nSYS<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nq1<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\na1<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nq2<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\na2<|eot_id|>",
+    ),
+    "mistral": (
+        "<s>[INST] q1 [/INST] a1</s>[INST] q2 [/INST] a2</s>",
+        "<s>[INST] SYS\nq1 [/INST] a1</s>[INST] q2 [/INST] a2</s>",
+    ),
+    "chatml": (
+        "<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n"
+        "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\na2<|im_end|>\n",
+        "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n"
+        "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\na2<|im_end|>\n",
+    ),
+    "yuan2": ("q1<n>a1<n>q2<n>a2<eod>", "SYS\nq1<n>a1<n>q2<n>a2<eod>"),
+}
+# The prompt the model sees before generating the second reply (add_generation_prompt=True on QA[:3]).
+GOLDEN_PROMPT = {
+    "vicuna_v1.1": f"<s>{VICUNA_SYSTEM} USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT:",
+    "baichuan-chat": "<reserved_102>q1<reserved_103>a1</s><reserved_102>q2<reserved_103>",
+    "baichuan2-chat": "<reserved_106>q1<reserved_107>a1</s><reserved_106>q2<reserved_107>",
+    "llama-2": "<s>[INST] q1 [/INST] a1 </s><s>[INST] q2 [/INST]",
+    "llama-3": GOLDEN["llama-3"][0][: -len("a2<|eot_id|>")],
+    "mistral": "<s>[INST] q1 [/INST] a1</s>[INST] q2 [/INST]",
+    "chatml": GOLDEN["chatml"][0][: -len("a2<|im_end|>\n")],
+    "yuan2": "q1<n>a1<n>q2<sep>",
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """Byte-level BPE holding every built-in's control markers as special tokens."""
+    from chatsft.tiny import TINY_SPECIAL_TOKENS, build_tokenizer
+
+    return build_tokenizer(BPE_CORPUS, vocab_size=400, special_tokens=TINY_SPECIAL_TOKENS + EXTRA_MARKERS)
+
+
+def test_every_family_has_a_golden_string():
+    assert set(GOLDEN) == set(BUILTINS) == set(GOLDEN_PROMPT)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_golden_strings(name):
+    plain, with_system = GOLDEN[name]
+    assert render_text(BUILTINS[name], QA) == plain
+    assert render_text(BUILTINS[name], SQA) == with_system
+    assert render_text(BUILTINS[name], QA[:3], add_generation_prompt=True) == GOLDEN_PROMPT[name]
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_trainable_segments_are_reply_plus_end_marker(name):
+    segments = render(BUILTINS[name], SQA)
+    by_turn = {t: "".join(s.text for s in segments if s.trainable and s.turn == t) for t in (2, 4)}
+    end = {"llama-3": "<|eot_id|>", "chatml": "<|im_end|>", "llama-2": " </s>"}.get(name, "</s>")
+    lead = " " if name in ("vicuna_v1.1", "llama-2", "mistral") else ""
+    if name == "yuan2":
+        assert by_turn == {2: "a1<n>", 4: "a2<eod>"}  # FastChat's efficient_loss trains the '<n>' after a1
+    else:
+        assert by_turn == {2: f"{lead}a1{end}", 4: f"{lead}a2{end}"}
+    assert all(s.content == (s.text in ("SYS", "q1", "a1", "q2", "a2")) for s in segments)
+    assert all(not s.trainable for s in segments if s.turn in (0, 1, 3))
+
+
+def test_yuan2_loss_mode_renderings():
+    yuan2 = BUILTINS["yuan2"]
+    assert render_text(yuan2, QA) == "q1<n>a1<n>q2<n>a2<eod>"  # all replies (efficient_loss)
+    assert render_text(yuan2, QA, {3}) == "q1<n>a1<n>q2<sep>a2<eod>"  # last reply (last_response_loss)
+    assert render_text(yuan2, QA[:2], {1}) == "q1<sep>a1<eod>"  # split_example_loss, first example
+    trained = [s.text for s in render(yuan2, QA, {3}) if s.trainable]
+    assert trained == ["a2", "<eod>"]
+    # no rstrip('<n>') bug: trailing '<', 'n', '>' characters of messages survive
+    odd = [{"role": "user", "content": "1 < n"}, {"role": "assistant", "content": "<n>n>"}]
+    assert render_text(yuan2, odd, {1}) == "1 < n<sep><n>n><eod>"
+
+
+def test_vicuna_system_replaces_default_and_empty_system_means_none():
+    assert render_text(BUILTINS["vicuna_v1.1"], SQA, bos=None).startswith("SYS USER: q1")
+    empty = [{"role": "system", "content": ""}, *QA]
+    assert (
+        render_text(BUILTINS["vicuna_v1.1"], empty, bos="")
+        == "USER: q1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>"
+    )
+
+
+def test_bad_roles_are_rejected():
+    with pytest.raises(RenderError) as err:
+        render(BUILTINS["chatml"], [QA[1], QA[0]])
+    assert err.value.reason == "bad_roles"
+    with pytest.raises(RenderError):
+        render(BUILTINS["chatml"], QA, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_exported_jinja_matches_render_through_transformers(tok, name):
+    """tokenizer.apply_chat_template with template.jinja() renders exactly what we train on, and the inference
+    prompt with add_generation_prompt=True."""
+    template = BUILTINS[name]
+    tok.chat_template = template.jinja()
+    try:
+        for messages in (
+            QA,
+            SQA,
+            QA[:2],
+            [
+                {"role": "user", "content": "it's \\n {{ x }} {% y %} 'q'"},
+                {"role": "assistant", "content": "\n a \t"},
+            ],
+        ):
+            expected = render_text(template, messages, bos=tok.bos_token, eos=tok.eos_token)
+            assert tok.apply_chat_template(messages, tokenize=False) == expected
+        for messages in (QA[:3], SQA[:4], QA[:1]):
+            expected = render_text(
+                template, messages, bos=tok.bos_token, eos=tok.eos_token, add_generation_prompt=True
+            )
+            assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == expected
+    finally:
+        tok.chat_template = None
+
+
+@pytest.mark.parametrize("name", sorted(set(BUILTINS) - {"yuan2"}))
+def test_tokenizer_template_finds_the_same_segments_as_the_builtin(tok, name):
+    """The tokenizer's own template, with a built-in's Jinja in it, gives the built-in's text and masks."""
+    tok.chat_template = BUILTINS[name].jinja()
+    try:
+        jinja = template_from_tokenizer(tok)
+        for messages in (QA, SQA, QA[:2]):
+            for trained in (None, {len(messages) - 1}):
+                ours = render(jinja, messages, trained, bos=tok.bos_token, eos=tok.eos_token)
+                builtin = render(BUILTINS[name], messages, trained, bos=tok.bos_token, eos=tok.eos_token)
+                assert "".join(s.text for s in ours) == "".join(s.text for s in builtin)
+                assert _trained_spans(ours) == _trained_spans(builtin)
+                assert _content(ours) == _content(builtin)
+    finally:
+        tok.chat_template = None
+
+
+def _trained_spans(segments):
+    spans, pos = [], 0
+    for s in segments:
+        if s.trainable:
+            spans.append((pos, pos + len(s.text), s.turn))
+        pos += len(s.text)
+    merged = []
+    for s, e, t in spans:
+        if merged and merged[-1][1] == s and merged[-1][2] == t:
+            merged[-1] = (merged[-1][0], e, t)
+        else:
+            merged.append((s, e, t))
+    return merged
+
+
+def _content(segments):
+    return [(s.text, s.turn) for s in segments if s.content and s.text]
+
+
+def test_tokenizer_template_with_generation_markers_and_rejections(tok):
+    chatml_gen = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' %}"
+        "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+        "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    tok.chat_template = chatml_gen
+    try:
+        jinja = template_from_tokenizer(tok)
+        segments = render(jinja, SQA)
+        assert "".join(s.text for s in segments) == GOLDEN["chatml"][1]
+        assert [s.text for s in segments if s.trainable] == ["a1", "<|im_end|>", "a2", "<|im_end|>"]
+        assert jinja.jinja() == chatml_gen
+        # a template that strips content cannot be masked exactly: rejected when it matters
+        tok.chat_template = chatml_gen.replace("m['content']", "m['content'] | trim")
+        assert render_text(template_from_tokenizer(tok), QA) == GOLDEN["chatml"][0]
+        with pytest.raises(RenderError) as err:
+            render(template_from_tokenizer(tok), [QA[0], {"role": "assistant", "content": " padded "}])
+        assert err.value.reason == "template_alters_content"
+        # the generation prompt is not the start of the rendering: not prefix-stable
+        tok.chat_template = chatml_gen.replace("'<|im_start|>assistant\n'", "'<|im_start|>bot\n'")
+        with pytest.raises(RenderError) as err:
+            render(template_from_tokenizer(tok), QA)
+        assert err.value.reason == "template_not_prefix_stable"
+        # no control token after a reply: no end of turn to train
+        tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        with pytest.raises(RenderError) as err:
+            render(template_from_tokenizer(tok), QA)
+        assert err.value.reason in ("template_not_prefix_stable", "no_end_of_turn")
+        tok.chat_template = "{{ raise_exception('no system messages') }}"
+        with pytest.raises(RenderError) as err:
+            render(template_from_tokenizer(tok), QA)
+        assert err.value.reason == "template_error"
+    finally:
+        tok.chat_template = None
+
+
+def test_get_template_auto_tokenizer_and_errors(tok):
+    assert get_template("auto", tok)[0].name == "vicuna_v1.1"
+    assert "no chat_template" in get_template("auto", tok)[1]
+    assert get_template("chatml", tok)[0] is BUILTINS["chatml"]
+    with pytest.raises(ConfigError, match="no chat_template"):
+        get_template("tokenizer", tok)
+    with pytest.raises(ConfigError, match="unknown --conv_template"):
+        get_template("vicuna", tok)
+    tok.chat_template = BUILTINS["chatml"].jinja()
+    try:
+        template, notice = get_template("auto", tok)
+        assert template.name == "tokenizer" and "own chat_template" in notice
+    finally:
+        tok.chat_template = None
+
+
+def test_segments_are_frozen_and_templates_module_imports_no_torch():
+    with pytest.raises(AttributeError):
+        Segment("a", True, False, 0).text = "b"
+    code = "import sys, chatsft.templates; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
