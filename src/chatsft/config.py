@@ -67,7 +67,15 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for eager encoding (default: the CPU count)."}
     )
-    packing: bool = field(default=False, metadata={"help": "Pack several examples per row, without cross-attention."})
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "Concatenate each batch's examples into one row with restarting position_ids (no padding "
+                          "at all); False pads each batch to its longest example."},
+    )
+    packing: bool = field(
+        default=False, metadata={"help": "Pre-pack examples into rows of up to model_max_length (best-fit decreasing)."}
+    )
+    pad_to_multiple_of: int | None = field(default=None, metadata={"help": "With padding: pad lengths to a multiple."})
 
 
 @dataclass
@@ -95,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         )
     except ValueError as err:  # TrainingArguments.__post_init__ checks combinations
         raise ConfigError(str(err).splitlines()[0]) from None
+    except ImportError as err:  # e.g. --deepspeed without the deepspeed package
+        raise ConfigError(f"a flag needs a package that is not installed: {str(err).splitlines()[0]}") from None
     if rest:
         raise ConfigError(f"unknown arguments: {' '.join(rest)} (see `chatsft train --help`)")
     if not data_args.data_path:

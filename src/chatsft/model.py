@@ -433,6 +433,54 @@ def resolve_preset(config, *, model_family: str | None = None, name_or_path: str
     ]
 
 
+def prepare_tokenizer(
+    path,
+    *,
+    model_max_length: int,
+    tokenizer_path=None,
+    model_family: str | None = None,
+    trust_remote_code: bool = False,
+    padding_side: str = "right",
+    extra_special_tokens: list[str] | None = None,
+) -> tuple[object, Preset, list[str]]:
+    """Config -> family preset -> tokenizer with the family's and the user's special tokens and a pad token.
+
+    Reads only the config, never the weights, so data problems surface before the model is loaded.
+    """
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    preset = resolve_preset(config, model_family=model_family, name_or_path=os.fspath(path))
+    tokenizer = load_tokenizer(
+        tokenizer_path or path,
+        model_max_length=model_max_length,
+        trust_remote_code=trust_remote_code,
+        padding_side=padding_side,
+    )
+    notices = []
+    if preset.name != "none":
+        added = add_special_tokens(tokenizer, preset.special_tokens)
+        notices.append(
+            f"family {preset.name}: template {preset.template}"
+            + (f", {added} special tokens added" if preset.special_tokens else "")
+        )
+    if extra_special_tokens:
+        added = add_special_tokens(tokenizer, extra_special_tokens)
+        notices.append(f"--add_special_tokens: {added} of {len(extra_special_tokens)} tokens were new")
+    pad = setup_pad_token(tokenizer)
+    notices.append(f"pad token {tokenizer.pad_token!r} ({pad})")
+    return tokenizer, preset, notices
+
+
+def load_model_for(tokenizer, path, **load_kwargs) -> tuple[object, bool, list[str]]:
+    """`load_model` and then fit its embeddings and pad id to the prepared tokenizer; returns (model, grew, notices)."""
+    model, notices = load_model(path, **load_kwargs)
+    rows = model.get_input_embeddings().weight.shape[0]
+    grew = resize_embeddings(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if grew:
+        notices.append(f"embeddings resized {rows} -> {len(tokenizer)} (new rows = mean of the old ones)")
+    return model, grew, notices
+
+
 def load_for_training(
     path,
     *,
@@ -444,17 +492,20 @@ def load_for_training(
     trust_remote_code: bool = False,
     padding_side: str = "right",
     gradient_checkpointing: bool = False,
+    extra_special_tokens: list[str] | None = None,
 ) -> LoadedModel:
-    """Config -> family preset -> tokenizer -> model -> family tokens -> pad token; embeddings follow."""
-    config = load_config(path, trust_remote_code=trust_remote_code)
-    preset = resolve_preset(config, model_family=model_family, name_or_path=os.fspath(path))
-    tokenizer = load_tokenizer(
-        tokenizer_path or path,
+    """Both stages at once: `prepare_tokenizer`, then `load_model_for`."""
+    tokenizer, preset, notices = prepare_tokenizer(
+        path,
         model_max_length=model_max_length,
+        tokenizer_path=tokenizer_path,
+        model_family=model_family,
         trust_remote_code=trust_remote_code,
         padding_side=padding_side,
+        extra_special_tokens=extra_special_tokens,
     )
-    model, notices = load_model(
+    model, grew, more = load_model_for(
+        tokenizer,
         path,
         dtype=dtype,
         attn_implementation=attn_implementation,
@@ -462,19 +513,8 @@ def load_for_training(
         model_max_length=model_max_length,
         gradient_checkpointing=gradient_checkpointing,
     )
-    rows = model.get_input_embeddings().weight.shape[0]
-    if preset.name != "none":
-        added = add_special_tokens(tokenizer, preset.special_tokens)
-        notices.append(
-            f"family {preset.name}: template {preset.template}"
-            + (f", {added} special tokens added" if preset.special_tokens else "")
-        )
-    pad = setup_pad_token(tokenizer, model)
-    notices.append(f"pad token {tokenizer.pad_token!r} ({pad})")
-    grew = model.get_input_embeddings().weight.shape[0] > rows
-    if grew:
-        notices.append(f"embeddings resized {rows} -> {len(tokenizer)} (new rows = mean of the old ones)")
-    return LoadedModel(model, tokenizer, preset, pad, grew, notices)
+    pad = notices[-1].rsplit("(", 1)[-1].rstrip(")")
+    return LoadedModel(model, tokenizer, preset, pad, grew, more + notices)
 
 
 # --- LoRA ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,288 @@
+"""Conversations -> the train and eval datasets the Trainer reads: eager (parallel, cached) or lazy.
+
+Eager: accepted conversations are encoded in worker processes, chunk by chunk, and streamed to an Arrow file that
+is memory-mapped back (`datasets.Dataset.from_file`), so resident memory does not grow with the data. The file is
+a cache keyed by everything that changes the result (data file contents, tokenizer, template, loss mode,
+`model_max_length`, split, encoder version): a second launch with the same inputs loads it in well under a second.
+We stream Arrow batches ourselves rather than use `datasets.map` because the audit must see every record's
+outcome (rejections and drops produce no rows), and because `map` would keep the conversations in a second table.
+
+Lazy: examples are encoded on access inside DataLoader workers; nothing is cached per process. An example that
+cannot be used (rejected, or nothing left to train after truncation) is known only when it is reached: it is
+replaced by the next usable one and reported on the log with its id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import random
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from chatsft import __version__
+from chatsft.encode import Audit, Encoded, Encoder
+from chatsft.errors import ConfigError
+from chatsft.records import Conversation, ReadPolicy, read_conversations
+from chatsft.templates import RenderError
+
+logger = logging.getLogger(__name__)
+
+ENCODER_VERSION = "1"  # bump when encoding changes its output for the same inputs
+CHUNK = 256  # conversations per worker task: large enough to amortise pickling, small enough to stream
+
+
+@dataclass
+class Split:
+    """The datasets of one run and their audits; `eval` is None when there is no eval set."""
+
+    train: object
+    eval: object | None
+    train_audit: Audit | None
+    eval_audit: Audit | None
+    notices: list[str]
+    sample: Conversation | None = None  # one training conversation, to check the saved chat template against
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("CHATSFT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "chatsft")
+    return Path(root).expanduser()
+
+
+def build_datasets(
+    encoder: Encoder,
+    data_path: list[str],
+    *,
+    eval_data_path: list[str] | None = None,
+    train_ratio: float = 1.0,
+    seed: int = 42,
+    lazy: bool = False,
+    num_workers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    policy: ReadPolicy | None = None,
+    eval_policy: ReadPolicy | None = None,
+    main_process_first=None,
+) -> Split:
+    """Read, validate, split and encode. `main_process_first` is `training_args.main_process_first` under torchrun:
+    the main process encodes and writes the cache, the others then read it."""
+    if not 0.0 < train_ratio <= 1.0:
+        raise ConfigError(f"--train_ratio must be in (0, 1], got {train_ratio}")
+    if eval_data_path and train_ratio < 1.0:
+        raise ConfigError("give either --eval_data_path or --train_ratio below 1, not both")
+    policy = policy or ReadPolicy()
+    conversations, report = read_conversations(data_path, policy)
+    notices = [f"read {report.records_read} records from {len(data_path)} file(s): {report.accepted} accepted, "
+               f"{report.rejected_total} rejected" + (f" (written to {policy.rejects_path})"
+                                                      if report.rejected_total and policy.rejects_path else "")]
+    eval_conversations: list[Conversation] = []
+    if eval_data_path:
+        eval_conversations, eval_report = read_conversations(eval_data_path, eval_policy or policy)
+        notices.append(f"eval: {eval_report.accepted} of {eval_report.records_read} records accepted")
+    elif train_ratio < 1.0:
+        conversations, eval_conversations = split_conversations(conversations, train_ratio, seed)
+        notices.append(f"split {len(conversations) + len(eval_conversations)} conversations (seed {seed}): "
+                       f"{len(conversations)} train, {len(eval_conversations)} eval")
+    if not conversations:
+        raise ConfigError("no training conversation is left after validation")
+
+    if lazy:
+        return Split(LazyDataset(conversations, encoder), LazyDataset(eval_conversations, encoder)
+                     if eval_conversations else None, None, None, notices, conversations[0])
+
+    files = [*data_path, *(eval_data_path or [])]
+    base_key = cache_key(encoder, files, train_ratio, seed)
+    cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+    guard = main_process_first(desc="encoding") if main_process_first else contextlib.nullcontext()
+    with guard:
+        train, train_audit, hit = encode_cached(conversations, encoder, cache_root / f"{base_key}-train", num_workers)
+        notices.append(f"training examples {'loaded from cache' if hit else 'encoded and cached'}: {len(train)} "
+                       f"({cache_root / (base_key + '-train')})")
+        evaluation, eval_audit = None, None
+        if eval_conversations:
+            evaluation, eval_audit, _ = encode_cached(eval_conversations, encoder, cache_root / f"{base_key}-eval",
+                                                      num_workers)
+    if len(train) == 0:
+        raise ConfigError("no training example is left after encoding: see the audit")
+    return Split(train, evaluation, train_audit, eval_audit, notices, conversations[0])
+
+
+def split_conversations(conversations: list[Conversation], train_ratio: float, seed: int):
+    """Seeded split by conversation (so one conversation's split examples never land on both sides), input order kept."""
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_train = max(1, round(len(order) * train_ratio))
+    chosen = set(order[:n_train])
+    train = [c for i, c in enumerate(conversations) if i in chosen]
+    evaluation = [c for i, c in enumerate(conversations) if i not in chosen]
+    return train, evaluation
+
+
+def cache_key(encoder: Encoder, files: list[str], train_ratio: float, seed: int) -> str:
+    """A hash of everything that changes the encoded examples."""
+    h = hashlib.sha256()
+    for part in (ENCODER_VERSION, __version__, encoder.loss_mode, str(encoder.max_length), repr(encoder.template),
+                 tokenizer_fingerprint(encoder.tokenizer), f"{train_ratio}:{seed}"):
+        h.update(part.encode("utf-8") + b"\0")
+    for path in files:
+        h.update(file_digest(path).encode() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = tokenizer.backend_tokenizer.to_str()
+    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256((backend + specials + str(getattr(tokenizer, "chat_template", None))).encode()).hexdigest()
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: Path, num_workers: int | None):
+    """Load the encoded dataset from `folder`, or encode it there. Returns (dataset, audit, cache_hit)."""
+    import datasets
+
+    arrow, audit_file = folder / "examples.arrow", folder / "audit.json"
+    if arrow.is_file() and audit_file.is_file():
+        return datasets.Dataset.from_file(str(arrow)), audit_from_dict(json.loads(audit_file.read_text())), True
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    audit = write_examples(conversations, encoder, tmp / "examples.arrow", num_workers)
+    (tmp / "audit.json").write_text(json.dumps(audit.to_dict()))
+    try:
+        os.replace(tmp, folder)  # atomic: a crash mid-encoding leaves only a tmp folder, never a half cache
+    except OSError:  # another process won the race: use its cache
+        _rmtree(tmp)
+    return datasets.Dataset.from_file(str(arrow)), audit, False
+
+
+def write_examples(conversations: list[Conversation], encoder: Encoder, path: Path, num_workers: int | None) -> Audit:
+    """Encode in worker processes and stream the examples, in input order, to an Arrow stream file."""
+    import pyarrow as pa
+
+    schema = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                        ("length", pa.int32())])
+    chunks = [conversations[i:i + CHUNK] for i in range(0, len(conversations), CHUNK)]
+    workers = min(num_workers or os.cpu_count() or 1, len(chunks))
+    audit = Audit(stop_ids=encoder_stop_ids(encoder))
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        if workers <= 1:
+            results = map(_encode_chunk_with(encoder), chunks)
+            pool = None
+        else:
+            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder,))
+            results = pool.imap(_encode_chunk, chunks)
+        try:
+            for columns, partial in results:
+                writer.write_batch(pa.record_batch(columns, schema=schema))
+                merge_audit(audit, partial)
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    return audit
+
+
+def encoder_stop_ids(encoder: Encoder) -> tuple[int, ...]:
+    from chatsft.encode import stop_token_ids
+
+    extra = [encoder.tokenizer.convert_tokens_to_ids(t) for t in encoder.stops if t in encoder.tokenizer.get_added_vocab()]
+    return stop_token_ids(encoder.tokenizer, None, extra)
+
+
+_WORKER_ENCODER: Encoder | None = None
+
+
+def _init_worker(encoder: Encoder) -> None:
+    global _WORKER_ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _WORKER_ENCODER = encoder
+
+
+def _encode_chunk(chunk: list[Conversation]):
+    return _encode_chunk_with(_WORKER_ENCODER)(chunk)
+
+
+def _encode_chunk_with(encoder: Encoder):
+    def run(chunk: list[Conversation]):
+        audit = Audit(stop_ids=encoder_stop_ids(encoder))
+        ids, input_ids, labels, lengths = [], [], [], []
+        for conv in chunk:
+            result = encoder.encode(conv)
+            audit.add(result)
+            for ex in result.examples:
+                ids.append(ex.id)
+                input_ids.append(ex.input_ids)
+                labels.append(ex.labels)
+                lengths.append(len(ex.input_ids))
+        return [ids, input_ids, labels, lengths], audit
+
+    return run
+
+
+def merge_audit(total: Audit, part: Audit) -> None:
+    for f in fields(Audit):
+        if f.name == "stop_ids":
+            continue
+        mine, theirs = getattr(total, f.name), getattr(part, f.name)
+        if isinstance(mine, dict):
+            for key, value in theirs.items():
+                if f.name == "first_rejected":
+                    mine.setdefault(key, value)
+                else:
+                    mine[key] = mine.get(key, 0) + value
+        else:
+            setattr(total, f.name, mine + theirs)
+
+
+def audit_from_dict(data: dict) -> Audit:
+    names = {f.name for f in fields(Audit)}
+    audit = Audit(**{k: v for k, v in data.items() if k in names})
+    audit.stop_ids = tuple(audit.stop_ids)
+    return audit
+
+
+class LazyDataset:
+    """Encodes on access (FastChat's --lazy_preprocess), holding only the conversations. Map-style, so the
+    Trainer's samplers, resume and DataLoader workers work unchanged; no per-process cache grows."""
+
+    def __init__(self, conversations: list[Conversation], encoder: Encoder):
+        self.conversations, self.encoder = conversations, encoder
+        self.index: list[tuple[int, str]] = []  # (conversation, example id) without tokenizing anything
+        for c, conv in enumerate(conversations):
+            try:
+                views = encoder.views(conv)
+            except RenderError as err:  # the records layer rejects these first; say so if one slips through
+                logger.warning("lazy preprocessing skips record %s: %s: %s", conv.id, err.reason, err.detail)
+                continue
+            for example_id, _, _ in views:
+                self.index.append((c, example_id))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        for step in range(len(self.index)):
+            c, example_id = self.index[(i + step) % len(self.index)]
+            result: Encoded = self.encoder.encode(self.conversations[c])
+            for ex in result.examples:
+                if ex.id == example_id:
+                    return {"input_ids": ex.input_ids, "labels": ex.labels}
+            why = f"rejected: {result.rejected}: {result.detail}" if result.rejected else "nothing left to train after truncation"
+            logger.warning("lazy preprocessing skips example %s (%s); using the next one", example_id, why)
+        raise ConfigError("lazy preprocessing found no usable example")
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
