@@ -143,3 +143,20 @@ def test_user_mistakes_are_one_line(setup, tmp_path):
         assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("chatsft train: error:") and expected in last
+
+
+def test_lora_adapter_and_merged_save(setup, tmp_path):
+    root, base, data, convs = setup
+    out = tmp_path / "lora"
+    assert main(flags(base, data, out, "--lora_r", "4", "--lora_alpha", "8", "--merge_lora", "True",
+                      "--max_steps", "2", "--save_strategy", "no")) == 0
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    ids = tokenizer.apply_chat_template(convs[0].messages, tokenize=True, return_dict=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(merged(**ids).logits, adapted(**ids).logits, atol=1e-5)
