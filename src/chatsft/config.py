@@ -96,7 +96,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = expand_config(argv)
     argv, notices = translate_flags(argv)
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = transformers.HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments),
+        prog="chatsft train",
+        description="Fine-tune a causal LM on conversations. `--config FILE.yaml` reads flags from a YAML mapping "
+        "(command-line flags override it); FastChat-era flags are translated with a notice.",
+    )
     try:
         model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True
