@@ -1,0 +1,7 @@
+"""`python -m chatsft <command>`: the same as the `chatsft` console script."""
+
+import sys
+
+from chatsft.cli import main
+
+sys.exit(main())
