@@ -3,9 +3,11 @@
 Eager: accepted conversations are encoded in worker processes, chunk by chunk, and streamed to an Arrow file that
 is memory-mapped back (`datasets.Dataset.from_file`), so resident memory does not grow with the data. The file is
 a cache keyed by everything that changes the result (data file contents, tokenizer, template, loss mode,
-`model_max_length`, split, encoder version): a second launch with the same inputs loads it in well under a second.
-We stream Arrow batches ourselves rather than use `datasets.map` because the audit must see every record's
-outcome (rejections and drops produce no rows), and because `map` would keep the conversations in a second table.
+`model_max_length`, split, encoder version): a second launch with the same inputs maps it in milliseconds
+(`Split.cache_hit` says which happened); the data files are still read and validated, as the split and the rejects
+file need them (about 0.1 s per 5,000 ShareGPT records; see benchmarks/README.md). We stream Arrow batches
+ourselves rather than use `datasets.map` because the audit must see every record's outcome (rejections and drops
+produce no rows), and because `map` would keep the conversations in a second table.
 
 Lazy: examples are encoded on access inside DataLoader workers; nothing is cached per process. An example that
 cannot be used (rejected, or nothing left to train after truncation) is known only when it is reached: it is
@@ -21,7 +23,7 @@ import logging
 import multiprocessing
 import os
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from chatsft import __version__
@@ -46,6 +48,8 @@ class Split:
     eval_audit: Audit | None
     notices: list[str]
     sample: Conversation | None = None  # one training conversation, to check the saved chat template against
+    cache_hit: bool | None = None  # eager: True when every encoded set was loaded from the cache; lazy: None
+    cache_paths: list[Path] = field(default_factory=list)  # eager: the cache folder of each encoded set
 
 
 def default_cache_dir() -> Path:
@@ -96,18 +100,22 @@ def build_datasets(
     files = [*data_path, *(eval_data_path or [])]
     base_key = cache_key(encoder, files, train_ratio, seed)
     cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
+    train_dir, eval_dir = cache_root / f"{base_key}-train", cache_root / f"{base_key}-eval"
     guard = main_process_first(desc="encoding") if main_process_first else contextlib.nullcontext()
     with guard:
-        train, train_audit, hit = encode_cached(conversations, encoder, cache_root / f"{base_key}-train", num_workers)
+        train, train_audit, hit = encode_cached(conversations, encoder, train_dir, num_workers)
         notices.append(f"training examples {'loaded from cache' if hit else 'encoded and cached'}: {len(train)} "
-                       f"({cache_root / (base_key + '-train')})")
-        evaluation, eval_audit = None, None
+                       f"({train_dir})")
+        evaluation, eval_audit, paths = None, None, [train_dir]
         if eval_conversations:
-            evaluation, eval_audit, _ = encode_cached(eval_conversations, encoder, cache_root / f"{base_key}-eval",
-                                                      num_workers)
+            evaluation, eval_audit, eval_hit = encode_cached(eval_conversations, encoder, eval_dir, num_workers)
+            notices.append(f"eval examples {'loaded from cache' if eval_hit else 'encoded and cached'}: "
+                           f"{len(evaluation)} ({eval_dir})")
+            hit, paths = hit and eval_hit, [train_dir, eval_dir]
     if len(train) == 0:
         raise ConfigError("no training example is left after encoding: see the audit")
-    return Split(train, evaluation, train_audit, eval_audit, notices, conversations[0])
+    # only one conversation outlives this call (the datasets are memory-mapped files)
+    return Split(train, evaluation, train_audit, eval_audit, notices, conversations[0], hit, paths)
 
 
 def split_conversations(conversations: list[Conversation], train_ratio: float, seed: int):
@@ -164,26 +172,37 @@ def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: P
     return datasets.Dataset.from_file(str(arrow)), audit, False
 
 
-def write_examples(conversations: list[Conversation], encoder: Encoder, path: Path, num_workers: int | None) -> Audit:
-    """Encode in worker processes and stream the examples, in input order, to an Arrow stream file."""
+def _schema():
     import pyarrow as pa
 
-    schema = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                        ("length", pa.int32())])
-    chunks = [conversations[i:i + CHUNK] for i in range(0, len(conversations), CHUNK)]
-    workers = min(num_workers or os.cpu_count() or 1, len(chunks))
-    audit = Audit(stop_ids=encoder_stop_ids(encoder))
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    return pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                      ("length", pa.int32())])
+
+
+def write_examples(conversations: list[Conversation], encoder: Encoder, path: Path, num_workers: int | None) -> Audit:
+    """Encode in worker processes and stream the examples, in input order, to an Arrow stream file.
+
+    Workers build the Arrow batches themselves (the parent only appends them), and under `fork` they inherit the
+    conversations, so a task is an index range and nothing large is pickled on the way out."""
+    import pyarrow as pa
+
+    ranges = [(i, min(i + CHUNK, len(conversations))) for i in range(0, len(conversations), CHUNK)]
+    workers = min(num_workers or os.cpu_count() or 1, len(ranges))
+    stop_ids = encoder_stop_ids(encoder)
+    audit = Audit(stop_ids=stop_ids)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
         if workers <= 1:
-            results = map(_encode_chunk_with(encoder), chunks)
+            results = (_encode_chunk_with(encoder, stop_ids, conversations[a:b]) for a, b in ranges)
             pool = None
         else:
-            context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-            pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder,))
-            results = pool.imap(_encode_chunk, chunks)
+            fork = "fork" in multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if fork else "spawn")
+            shared = conversations if fork else None  # inherited by fork, never pickled
+            pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder, stop_ids, shared))
+            results = pool.imap(_encode_task, ranges if fork else [conversations[a:b] for a, b in ranges])
         try:
-            for columns, partial in results:
-                writer.write_batch(pa.record_batch(columns, schema=schema))
+            for batch, partial in results:
+                writer.write_batch(batch)
                 merge_audit(audit, partial)
         finally:
             if pool is not None:
@@ -199,34 +218,36 @@ def encoder_stop_ids(encoder: Encoder) -> tuple[int, ...]:
     return stop_token_ids(encoder.tokenizer, None, extra)
 
 
-_WORKER_ENCODER: Encoder | None = None
+_WORKER: tuple | None = None  # (encoder, stop ids, conversations or None) in a worker process
 
 
-def _init_worker(encoder: Encoder) -> None:
-    global _WORKER_ENCODER
+def _init_worker(encoder: Encoder, stop_ids: tuple[int, ...], conversations: list[Conversation] | None) -> None:
+    global _WORKER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _WORKER_ENCODER = encoder
+    _WORKER = (encoder, stop_ids, conversations)
 
 
-def _encode_chunk(chunk: list[Conversation]):
-    return _encode_chunk_with(_WORKER_ENCODER)(chunk)
+def _encode_task(task):
+    encoder, stop_ids, conversations = _WORKER
+    chunk = conversations[task[0]:task[1]] if conversations is not None else task
+    return _encode_chunk_with(encoder, stop_ids, chunk)
 
 
-def _encode_chunk_with(encoder: Encoder):
-    def run(chunk: list[Conversation]):
-        audit = Audit(stop_ids=encoder_stop_ids(encoder))
-        ids, input_ids, labels, lengths = [], [], [], []
-        for conv in chunk:
-            result = encoder.encode(conv)
-            audit.add(result)
-            for ex in result.examples:
-                ids.append(ex.id)
-                input_ids.append(ex.input_ids)
-                labels.append(ex.labels)
-                lengths.append(len(ex.input_ids))
-        return [ids, input_ids, labels, lengths], audit
+def _encode_chunk_with(encoder: Encoder, stop_ids: tuple[int, ...], chunk: list[Conversation]):
+    """One chunk -> (Arrow record batch of its examples, its audit)."""
+    import pyarrow as pa
 
-    return run
+    audit = Audit(stop_ids=stop_ids)
+    ids, input_ids, labels = [], [], []
+    for conv in chunk:
+        result = encoder.encode(conv)
+        audit.add(result)
+        for ex in result.examples:
+            ids.append(ex.id)
+            input_ids.append(ex.input_ids)
+            labels.append(ex.labels)
+    batch = pa.record_batch([ids, input_ids, labels, list(map(len, input_ids))], schema=_schema())
+    return batch, audit
 
 
 def merge_audit(total: Audit, part: Audit) -> None:
@@ -276,7 +297,7 @@ class LazyDataset:
             result: Encoded = self.encoder.encode(self.conversations[c])
             for ex in result.examples:
                 if ex.id == example_id:
-                    return {"input_ids": ex.input_ids, "labels": ex.labels}
+                    return {"id": ex.id, "input_ids": ex.input_ids, "labels": ex.labels}
             why = f"rejected: {result.rejected}: {result.detail}" if result.rejected else "nothing left to train after truncation"
             logger.warning("lazy preprocessing skips example %s (%s); using the next one", example_id, why)
         raise ConfigError("lazy preprocessing found no usable example")

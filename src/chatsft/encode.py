@@ -15,12 +15,19 @@ model to stop and a user cannot inject control tokens. Such records necessarily 
 tokenization (which would read the control token), and only in those pieces; transformers'
 `apply_chat_template(..., sanitize_control_tokens=True)` follows the same rule at inference. Split examples
 get ids `ID#k`, k = 0 for the record's first assistant reply.
+
+Speed (the eager dataset encodes every record): labels come from a few bisections per segment boundary over the
+token offsets, not from Python work per token; the per-token rule stays as the fallback for offsets that are not
+monotonic. Records are tokenized one at a time: one backend batch call per chunk of records was measured slower
+(the chunk's renders and encodings held in memory at once cost more than the saved calls; see benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
+import operator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -195,59 +202,50 @@ class Encoder:
     def encode_segments(self, segments: list[Segment], example_id: str = "", train_all: bool = False):
         """Tokenize the rendered text once and label each token from the segment(s) its span covers."""
         text = "".join(s.text for s in segments)
-        starts, pos = [], 0
-        for s in segments:
-            starts.append(pos)
-            pos += len(s.text)
+        enc = self._naive().encode(text, add_special_tokens=False)
+        starts = list(itertools.accumulate([len(s.text) for s in segments[:-1]], initial=0))
 
         def covered(s: int, e: int) -> list[Segment]:
             a = bisect.bisect_right(starts, s) - 1
             return segments[a : max(a, bisect.bisect_right(starts, e - 1) - 1) + 1]
 
-        enc = self._naive().encode(text, add_special_tokens=False)
-        tokens = self._sanitize(text, list(zip(enc.ids, enc.offsets)), covered)
-        ids, labels, spans, last = [], [], [], {}
-        for tok, (s, e) in tokens:
-            cover = covered(s, e)
-            trainable = train_all or cover[0].trainable
-            if not train_all and any(c.trainable != trainable for c in cover):
-                raise RenderError(
-                    "token_straddles_boundary", f"token {text[s:e]!r} is part trained, part not"
-                )
-            ids.append(tok)
-            labels.append(tok if trainable else IGNORE_INDEX)
-            spans.append((s, e))
-            if trainable and not train_all:
-                last[cover[-1].turn] = len(ids) - 1
-        ends = []
+        ids, spans = self._sanitize(text, enc.ids, enc.offsets, covered)
+        labeled = _label_by_segment(segments, starts, ids, spans, train_all) if ids else None
+        if labeled is None:
+            labeled = _label_by_token(segments, covered, ids, spans, train_all)
+        labels, last, straddle = labeled
+        if straddle is not None:
+            s, e = spans[straddle]
+            raise RenderError("token_straddles_boundary", f"token {text[s:e]!r} is part trained, part not")
+        markers = {}  # turn -> its last trained template text: the end-of-turn marker
+        for s in segments:
+            if s.trainable and not s.content:
+                markers[s.turn] = s.text
+        ends, jinja, stops = [], self.template.chat_template is not None, tuple(self.stops)
         for turn, index in sorted(last.items()):
-            marker = next(
-                (s.text for s in reversed(segments) if s.turn == turn and s.trainable and not s.content), ""
-            )
-            stops = (
-                any(marker.endswith(x) for x in self.stops)
-                if self.template.chat_template is None
-                else ids[index] in self.control_ids
-            )
-            ends.append(TurnEnd(example_id, turn, index, ids[index], marker, stops))
+            marker = markers.get(turn, "")
+            stop = ids[index] in self.control_ids if jinja else marker.endswith(stops)
+            ends.append(TurnEnd(example_id, turn, index, ids[index], marker, stop))
         return Example(example_id, text, ids, labels, spans), ends
 
-    def _sanitize(self, text: str, tokens: list, covered) -> list:
+    def _sanitize(self, text: str, ids: list[int], spans: list[tuple[int, int]], covered):
         """Replace each control token read from message text, and the rest of its piece (the text up to the
         next added token the tokenizer splits at), by the plain-text encoding of that stretch, encoded
-        mid-text."""
+        mid-text. Returns (ids, spans)."""
         bad = set()
-        for k, (tok, (s, e)) in enumerate(tokens):
-            if tok in self.control_ids:
-                content = [c.content for c in covered(s, e)]
-                if all(content):
-                    bad.add(k)
-                elif any(content):
-                    raise RenderError(
-                        "control_token_across_boundary", f"{text[s:e]!r} joins message and template"
-                    )
+        # only the (few) control tokens need a look: find them without a Python loop over every token
+        for k in itertools.compress(range(len(ids)), map(self.control_ids.__contains__, ids)):
+            s, e = spans[k]
+            content = [c.content for c in covered(s, e)]
+            if all(content):
+                bad.add(k)
+            elif any(content):
+                raise RenderError(
+                    "control_token_across_boundary", f"{text[s:e]!r} joins message and template"
+                )
         if not bad:
-            return tokens
+            return ids, spans
+        tokens = list(zip(ids, spans))
         out, k = [], 0
         while k < len(tokens):
             if k not in bad:
@@ -265,7 +263,7 @@ class Encoder:
                 )
             out += plain
             k = j
-        return out
+        return [t for t, _ in out], [span for _, span in out]
 
     def _naive(self):
         """The tokenizer's backend, as `tokenizer(text, add_special_tokens=False)` calls it. A private copy
@@ -314,6 +312,59 @@ class Encoder:
             assert pairs[0][0] == prime_id
             pairs = pairs[1:]
         return pairs
+
+
+def _label_by_token(segments, covered, ids, spans, train_all):
+    """Labels, {turn: index of its last trained token} and the first token straddling a trained/untrained
+    boundary (or None), token by token: the reference rule, for any span layout."""
+    labels, last = [], {}
+    for k, (tok, (s, e)) in enumerate(zip(ids, spans)):
+        cover = covered(s, e)
+        trainable = train_all or cover[0].trainable
+        if not train_all and any(c.trainable != trainable for c in cover):
+            return labels, last, k
+        labels.append(tok if trainable else IGNORE_INDEX)
+        if trainable and not train_all:
+            last[cover[-1].turn] = k
+    return labels, last, None
+
+
+def _label_by_segment(segments, starts, ids, spans, train_all):
+    """`_label_by_token`'s result computed per segment boundary (a few bisections per segment instead of
+    Python work per token). Needs spans whose starts and ends never decrease and no empty span (what
+    tokenizers give for ordinary text); returns None otherwise, and the caller takes the token path."""
+    tok_starts, tok_ends = map(list, zip(*spans))
+    if (
+        any(map(operator.eq, tok_starts, tok_ends))
+        or tok_starts != sorted(tok_starts)
+        or tok_ends != sorted(tok_ends)
+    ):
+        return None
+    if train_all:
+        return list(ids), {}, None
+    flags = [s.trainable for s in segments]
+    # token runs of one trainability: a run starts at the first token starting at or after a flag change
+    labels, k0, flag, straddle = [], 0, flags[0], None
+    for i in range(1, len(segments)):
+        if flags[i] == flags[i - 1]:
+            continue
+        p = starts[i]
+        k = bisect.bisect_left(tok_starts, p)  # tokens before k start before p
+        first = bisect.bisect_right(tok_ends, p)  # tokens from here on end after p
+        if first < k and straddle is None:
+            straddle = first
+        labels += ids[k0:k] if flag else [IGNORE_INDEX] * (k - k0)
+        k0, flag = max(k, k0), flags[i]
+    labels += ids[k0:] if flag else [IGNORE_INDEX] * (len(ids) - k0)
+    if straddle is not None:
+        return labels[:straddle], {}, straddle
+    last = {}
+    for i, seg in enumerate(segments):
+        if seg.trainable:  # its last token: the last one ending inside it (none straddles, so it is trained)
+            k = bisect.bisect_right(tok_ends, starts[i] + len(seg.text)) - 1
+            if k >= 0 and tok_ends[k] > starts[i] and k > last.get(seg.turn, -1):
+                last[seg.turn] = k
+    return labels, last, None
 
 
 def _no_phantom_space(node) -> None:
@@ -383,7 +434,7 @@ class Audit:
         for ex in result.examples:
             self.examples += 1
             self.tokens += len(ex.input_ids)
-            self.trained_tokens += sum(label != IGNORE_INDEX for label in ex.labels)
+            self.trained_tokens += len(ex.labels) - ex.labels.count(IGNORE_INDEX)
         for end in result.turn_ends:
             self.trained_turns += 1
             if end.token_id is None:

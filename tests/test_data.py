@@ -1,0 +1,359 @@
+"""`chatsft.data.build_datasets`: the eager Arrow cache (hits, every kind of miss), lazy/eager parity in every
+loss mode, the seeded train/eval split, multi-worker encoding, and where rejected records go. Small files written
+by each test; real tokenizers from conftest (byte-level BPE, Mistral-7B SentencePiece)."""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import dataclasses
+import json
+import logging
+
+import pytest
+
+from chatsft import data
+from chatsft.data import LazyDataset, build_datasets, split_conversations
+from chatsft.encode import IGNORE_INDEX, LOSS_MODES, Encoder, _label_by_segment, _label_by_token
+from chatsft.errors import ConfigError, DataError
+from chatsft.records import Conversation, ReadPolicy, read_conversations
+from chatsft.templates import BUILTINS, VICUNA, Segment, render
+
+QUESTIONS = ["What is the capital of France?", "Hello! How are you today?", "你好，世界。", "Why?", "2+2?"]
+ANSWERS = ["The capital of France is Paris.", "I am fine, thank you.", "Привет, мир! 🙂", "Because.", "4"]
+
+
+def records(n: int, turns: int = 2, prefix: str = "r") -> list[dict]:
+    """n ShareGPT records, 1..turns exchanges each (varied), deterministic."""
+    out = []
+    for i in range(n):
+        conv = []
+        for t in range(1 + i % turns):
+            conv += [
+                {"from": "human", "value": f"{QUESTIONS[(i + t) % 5]} ({i}.{t})"},
+                {"from": "gpt", "value": ANSWERS[(i + 2 * t) % 5]},
+            ]
+        out.append({"id": f"{prefix}{i}", "conversations": conv})
+    return out
+
+
+def rows(dataset) -> list[tuple]:
+    """(id, input_ids, labels) of every example, from an eager (Arrow) or lazy dataset."""
+    return [
+        (ex["id"], list(ex["input_ids"]), list(ex["labels"]))
+        for ex in (dataset[i] for i in range(len(dataset)))
+    ]
+
+
+def build(encoder, paths, tmp_path, **kwargs):
+    kwargs.setdefault("num_workers", 1)
+    return build_datasets(encoder, [str(p) for p in paths], cache_dir=tmp_path / "cache", **kwargs)
+
+
+# ---- (a) cache hit ----
+
+
+def test_second_call_is_a_cache_hit_with_identical_examples(bpe_tokenizer, write_file, tmp_path):
+    path = write_file("train.json", records(12, turns=3))
+    encoder = Encoder(VICUNA, bpe_tokenizer, "assistant_turns", 2048)
+    first = build(encoder, [path], tmp_path)
+    second = build(encoder, [path], tmp_path)
+    assert (first.cache_hit, second.cache_hit) == (False, True)
+    assert any("encoded and cached: 12" in n for n in first.notices)
+    assert any("loaded from cache: 12" in n for n in second.notices)
+    assert first.cache_paths == second.cache_paths and (first.cache_paths[0] / "examples.arrow").is_file()
+    assert rows(first.train) == rows(second.train) and len(first.train) == 12
+    assert first.train_audit.to_dict() == second.train_audit.to_dict()
+    assert first.eval is None and second.eval is None
+    # the first example is the encoder's own output for the first record
+    expected = encoder.encode(read_conversations([path])[0][0]).examples[0]
+    assert rows(second.train)[0] == (expected.id, expected.input_ids, expected.labels)
+    assert second.sample.id == "r0"
+
+
+def test_a_fresh_encoder_equal_in_every_input_hits_the_cache(bpe_tokenizer, write_file, tmp_path):
+    path = write_file("train.json", records(4))
+    build(Encoder(VICUNA, bpe_tokenizer), [path], tmp_path)
+    again = build(Encoder(VICUNA, copy.deepcopy(bpe_tokenizer)), [path], tmp_path)
+    assert again.cache_hit is True
+
+
+# ---- (b) every kind of miss re-encodes ----
+
+
+def test_each_input_that_changes_the_examples_is_a_cache_miss(
+    bpe_tokenizer, write_file, tmp_path, monkeypatch
+):
+    path = write_file("train.json", records(6, turns=2))
+    base = Encoder(VICUNA, bpe_tokenizer, "assistant_turns", 2048)
+    reference = build(base, [path], tmp_path)
+    seen = {reference.cache_paths[0]}
+
+    def miss(encoder, paths=(path,)):
+        split = build(encoder, paths, tmp_path)
+        assert split.cache_hit is False, split.notices
+        assert split.cache_paths[0] not in seen
+        seen.add(split.cache_paths[0])
+        return rows(split.train)
+
+    # tokenizer: one more (added) token changes the fingerprint
+    grown = copy.deepcopy(bpe_tokenizer)
+    grown.add_tokens(["<extra_token>"])
+    assert miss(Encoder(VICUNA, grown, "assistant_turns", 2048)) == rows(reference.train)
+    # template: another system prompt shows up in the examples
+    other = dataclasses.replace(VICUNA, default_system="Be brief.")
+    assert build(base, [path], tmp_path).cache_hit is True  # the original's cache is still there
+    assert all(
+        ids[:6] != r[1][:6]
+        for (_, ids, _), r in zip(miss(Encoder(other, bpe_tokenizer)), rows(reference.train))
+    )
+    # loss mode: only the last reply trains
+    last = miss(Encoder(VICUNA, bpe_tokenizer, "last_response", 2048))
+    assert [r[1] for r in last] == [r[1] for r in rows(reference.train)]
+    assert any(a[2] != b[2] for a, b in zip(last, rows(reference.train)))
+    # model_max_length: the examples are cut
+    limit = max(len(r[1]) for r in rows(reference.train)) - 3
+    short = miss(Encoder(VICUNA, bpe_tokenizer, "assistant_turns", limit))
+    assert max(len(r[1]) for r in short) == limit and len(short) == len(reference.train)
+    # encoder version: same examples, encoded again
+    monkeypatch.setattr(data, "ENCODER_VERSION", data.ENCODER_VERSION + "-next")
+    assert miss(base) == rows(reference.train)
+    monkeypatch.undo()
+    # data file contents: same path, one reply changed
+    changed = records(6, turns=2)
+    changed[3]["conversations"][1]["value"] = "A different reply."
+    write_file("train.json", changed)
+    new_rows = miss(base)
+    assert new_rows[:3] == rows(reference.train)[:3] and new_rows[3] != rows(reference.train)[3]
+    assert [r[0] for r in new_rows] == [r[0] for r in rows(reference.train)]
+
+
+def test_split_and_seed_are_part_of_the_key(bpe_tokenizer, write_file, tmp_path):
+    path = write_file("train.json", records(10))
+    encoder = Encoder(VICUNA, bpe_tokenizer)
+    a = build(encoder, [path], tmp_path, train_ratio=0.8, seed=1)
+    b = build(encoder, [path], tmp_path, train_ratio=0.8, seed=2)
+    c = build(encoder, [path], tmp_path, train_ratio=0.8, seed=1)
+    assert (a.cache_hit, b.cache_hit, c.cache_hit) == (False, False, True)
+    assert len(a.cache_paths) == 2 and a.cache_paths == c.cache_paths != b.cache_paths
+
+
+# ---- (c) lazy == eager ----
+
+
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_lazy_and_eager_give_identical_examples(mode, mistral_tokenizer, write_file, tmp_path):
+    path = write_file("train.json", records(9, turns=3))
+    encoder = Encoder(VICUNA, mistral_tokenizer, mode, 2048)
+    eager = build(encoder, [path], tmp_path)
+    lazy = build(encoder, [path], tmp_path, lazy=True)
+    assert isinstance(lazy.train, LazyDataset) and lazy.cache_hit is None and lazy.train_audit is None
+    assert rows(lazy.train) == rows(eager.train)
+    n_replies = sum(1 + i % 3 for i in range(9))
+    assert len(eager.train) == (n_replies if mode == "split_turns" else 9)
+    if mode == "split_turns":
+        assert [r[0] for r in rows(eager.train)][:3] == ["r0#0", "r1#0", "r1#1"]
+    trained = [sum(label != IGNORE_INDEX for label in r[2]) for r in rows(eager.train)]
+    assert all(trained)
+
+
+def test_lazy_replaces_an_example_with_nothing_to_train_by_the_next(
+    bpe_tokenizer, write_file, tmp_path, caplog
+):
+    """A known difference: eager drops such an example (and the audit counts it); lazy, which cannot know
+    lengths without tokenizing, serves the next usable example in its place and logs the skip."""
+    recs = records(3, turns=1)
+    recs[1]["conversations"][0]["value"] = "What is the capital of France? " * 20  # the reply is cut off
+    path = write_file("train.json", recs)
+    convs = read_conversations([path])[0]
+    limit = 2 + max(
+        len(Encoder(VICUNA, bpe_tokenizer).encode(convs[i]).examples[0].input_ids) for i in (0, 2)
+    )
+    encoder = Encoder(VICUNA, bpe_tokenizer, "assistant_turns", limit)
+    eager = build(encoder, [path], tmp_path)
+    assert [r[0] for r in rows(eager.train)] == ["r0", "r2"] and eager.train_audit.dropped == 1
+    lazy = build(encoder, [path], tmp_path, lazy=True)
+    with caplog.at_level(logging.WARNING, logger="chatsft.data"):
+        assert [r[0] for r in rows(lazy.train)] == ["r0", "r2", "r2"]
+    assert "skips example r1" in caplog.text
+
+
+# ---- (d) train/eval split ----
+
+
+def test_train_ratio_splits_by_conversation_seeded_and_deterministic(bpe_tokenizer, write_file, tmp_path):
+    path = write_file("train.json", records(20, turns=3))
+    encoder = Encoder(VICUNA, bpe_tokenizer, "split_turns")
+    split = build(encoder, [path], tmp_path, train_ratio=0.75, seed=7)
+    again = build(encoder, [path], tmp_path / "other", train_ratio=0.75, seed=7)
+    assert split.cache_hit is False and again.cache_hit is False  # another cache folder: encoded again
+    assert rows(split.train) == rows(again.train) and rows(split.eval) == rows(again.eval)
+    train_convs = {r[0].split("#")[0] for r in rows(split.train)}
+    eval_convs = {r[0].split("#")[0] for r in rows(split.eval)}
+    assert not train_convs & eval_convs and train_convs | eval_convs == {f"r{i}" for i in range(20)}
+    assert (len(train_convs), len(eval_convs)) == (15, 5)
+    # every example of a conversation lands on its side, in input order
+    n_examples = {f"r{i}": 1 + i % 3 for i in range(20)}
+    assert len(split.train) == sum(n_examples[c] for c in train_convs)
+    order = [int(r[0].split("#")[0][1:]) for r in rows(split.train)]
+    assert order == sorted(order)
+    assert any("15 train, 5 eval" in n for n in split.notices)
+    assert split.eval_audit.records == 5 and split.train_audit.records == 15
+    # the seed decides; the split is a function of (conversations, ratio, seed) only
+    convs = read_conversations([path])[0]
+    picks = {seed: [c.id for c in split_conversations(convs, 0.75, seed)[1]] for seed in (7, 8)}
+    assert picks[7] == sorted(eval_convs, key=lambda c: int(c[1:])) and picks[7] != picks[8]
+    assert [c.id for c in split_conversations(convs, 0.75, 7)[1]] == picks[7]
+
+
+def test_no_eval_set_at_ratio_one_and_eval_file_excludes_a_ratio(bpe_tokenizer, write_file, tmp_path):
+    path = write_file("train.json", records(5))
+    eval_path = write_file("eval.json", records(3, prefix="e"))
+    encoder = Encoder(VICUNA, bpe_tokenizer)
+    only = build(encoder, [path], tmp_path)
+    assert only.eval is None and only.eval_audit is None and len(only.cache_paths) == 1
+    with pytest.raises(ConfigError, match="not both"):
+        build(encoder, [path], tmp_path, eval_data_path=[str(eval_path)], train_ratio=0.9)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="train_ratio"):
+            build(encoder, [path], tmp_path, train_ratio=bad)
+    both = build(encoder, [path], tmp_path, eval_data_path=[str(eval_path)])
+    assert [r[0] for r in rows(both.eval)] == ["e0", "e1", "e2"] and len(both.train) == 5
+    assert (
+        both.cache_hit is False
+        and build(encoder, [path], tmp_path, eval_data_path=[str(eval_path)]).cache_hit
+    )
+
+
+# ---- (e) several workers ----
+
+
+def test_two_workers_give_the_single_worker_examples_and_audit_in_input_order(
+    bpe_tokenizer, write_file, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(data, "CHUNK", 3)  # many chunks, so both workers interleave
+    recs = records(20, turns=3)
+    recs[4]["conversations"][-1]["value"] = "word " * 80  # truncated
+    recs[9]["conversations"][0]["value"] = "long question " * 60  # nothing left to train: dropped
+    recs[13]["conversations"][2:4] = [{"from": "human", "value": "Par"}, {"from": "gpt", "value": "is"}]
+    recs[17]["conversations"][0:2] = [{"from": "human", "value": "Hel"}, {"from": "gpt", "value": "lo!"}]
+    path = write_file("train.json", recs)
+    glued = dataclasses.replace(VICUNA, name="glued", user="{content}", reply="{content}", default_system="")
+    for template in (VICUNA, glued):  # glued: some tokens straddle user/reply, so some records are rejected
+        encoder = Encoder(template, bpe_tokenizer, "split_turns", 96)
+        one = build(encoder, [path], tmp_path / "w1", num_workers=1)
+        two = build(encoder, [path], tmp_path / "w2", num_workers=2)
+        assert rows(one.train) == rows(two.train)
+        assert one.train_audit.to_dict() == two.train_audit.to_dict()
+        audit = two.train_audit
+        ids = [r[0] for r in rows(two.train)]
+        assert sorted(ids, key=lambda i: (int(i.split("#")[0][1:]), int(i.split("#")[1]))) == ids
+        assert audit.records == 20 and audit.examples == len(two.train)
+        if template is VICUNA:
+            assert audit.truncated >= 1 and audit.dropped >= 1 and not audit.rejected
+        else:
+            assert audit.rejected.get("token_straddles_boundary", 0) >= 1
+            assert audit.first_rejected["token_straddles_boundary"] == next(
+                c.id for c in read_conversations([path])[0] if encoder.encode(c).rejected
+            )
+
+
+# ---- (f) rejected records ----
+
+
+def test_rejected_records_go_to_the_policy_rejects_file(bpe_tokenizer, write_file, tmp_path):
+    recs = records(8)
+    recs[2]["conversations"][1]["value"] = "   "
+    recs[5]["conversations"][0]["from"] = "robot"
+    path = write_file("train.json", recs)
+    eval_recs = records(3, prefix="e")
+    eval_recs[1]["conversations"] = []
+    eval_path = write_file("eval.json", eval_recs)
+    rejects, eval_rejects = tmp_path / "out" / "rejected.jsonl", tmp_path / "out" / "rejected-eval.jsonl"
+    split = build(
+        Encoder(VICUNA, bpe_tokenizer),
+        [path],
+        tmp_path,
+        eval_data_path=[str(eval_path)],
+        policy=ReadPolicy(max_invalid_ratio=0.3, rejects_path=str(rejects)),
+        eval_policy=ReadPolicy(max_invalid_ratio=0.5, rejects_path=str(eval_rejects)),
+    )
+    written = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
+    assert [(r["id"], r["reason"]) for r in written] == [("r2", "empty_content"), ("r5", "unknown_role")]
+    assert written[0]["record"] == recs[2]
+    assert [json.loads(line)["reason"] for line in eval_rejects.read_text().splitlines()] == ["no_turns"]
+    assert f"8 records from 1 file(s): 6 accepted, 2 rejected (written to {rejects})" in split.notices[0]
+    assert [r[0] for r in rows(split.train)] == ["r0", "r1", "r3", "r4", "r6", "r7"]
+    assert [r[0] for r in rows(split.eval)] == ["e0", "e2"]
+    # too many rejected: the run stops, and the rejects are still written
+    again = tmp_path / "again.jsonl"
+    with pytest.raises(DataError, match="max_invalid_ratio"):
+        build(
+            Encoder(VICUNA, bpe_tokenizer),
+            [path],
+            tmp_path,
+            policy=ReadPolicy(max_invalid_ratio=0.1, rejects_path=str(again)),
+        )
+    assert len(again.read_text().splitlines()) == 2
+
+
+# ---- the fast labelling build_datasets relies on ----
+
+
+def test_labels_per_segment_boundary_equal_the_per_token_rule(mistral_tokenizer, bpe_tokenizer):
+    """Encoding labels tokens with a few bisections per segment boundary; the result equals the per-token
+    reference rule (labels, each trained turn's last token, the first straddling token), and unusual offsets
+    (an empty span) send encoding to the per-token rule."""
+    convs = [
+        Conversation(
+            r["id"],
+            [
+                {"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                for t in r["conversations"]
+            ],
+        )
+        for r in records(12, turns=3)
+    ]
+    convs.append(
+        Conversation(
+            "ctl",
+            [
+                {"role": "user", "content": "Say </s> and <s>"},
+                {"role": "assistant", "content": "Here: </s><s> done"},
+            ],
+        )
+    )
+    convs.append(
+        Conversation("glue", [{"role": "user", "content": "Hel"}, {"role": "assistant", "content": "lo!"}])
+    )
+    glued = dataclasses.replace(VICUNA, name="glued", user="{content}", reply="{content}", default_system="")
+    straddles = 0
+    for tok in (mistral_tokenizer, bpe_tokenizer):
+        for template in (VICUNA, BUILTINS["chatml"], glued):
+            for mode in LOSS_MODES:
+                try:
+                    encoder = Encoder(template, tok, mode)
+                except ConfigError:
+                    continue  # this tokenizer lacks the template's markers
+                for c in convs:
+                    for _, messages, trained in encoder.views(c):
+                        segments = render(template, messages, trained, bos=encoder.bos, eos=encoder.eos)
+                        text = "".join(s.text for s in segments)
+                        enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+                        starts = [sum(len(s.text) for s in segments[:i]) for i in range(len(segments))]
+
+                        def covered(s, e, segments=segments, starts=starts):
+                            a = bisect.bisect_right(starts, s) - 1
+                            return segments[a : max(a, bisect.bisect_right(starts, e - 1) - 1) + 1]
+
+                        fast = _label_by_segment(segments, starts, enc.ids, enc.offsets, mode == "all_tokens")
+                        slow = _label_by_token(segments, covered, enc.ids, enc.offsets, mode == "all_tokens")
+                        assert fast is not None
+                        if slow[2] is None:
+                            assert fast == slow
+                        else:  # a straddling token: both name the same first one
+                            assert fast[2] == slow[2]
+                            straddles += 1
+    assert straddles  # the glued template made some
+    two = [Segment("<s>", False, False, -1), Segment("hello", True, True, 1)]
+    assert _label_by_segment(two, [0, 3], [1, 2, 3], [(0, 3), (3, 3), (3, 8)], False) is None
