@@ -2,12 +2,16 @@
 
 parse -> resume point -> tokenizer and template -> data (validated, encoded, audited) -> model -> Trainer ->
 train -> verified save. The tokenizer and the data come before the weights so that data mistakes cost seconds.
+Under torchrun only rank 0 writes files (rejected records, audit, checkpoints' shared parts, the final model).
+A SIGTERM during training ends it at the next step boundary with a complete checkpoint and exit code 143
+(`chatsft.preempt`); the same command then resumes from it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -33,10 +37,11 @@ def run(model_args, data_args, args, say) -> int:
     from chatsft.checkpoint import CheckpointMarker, choose_resume
     from chatsft.collate import PackedCollator, PackedDataset, PadCollator
     from chatsft.data import build_datasets
-    from chatsft.distributed import check_fsdp_supported, check_launch, fill_fsdp_config
+    from chatsft.distributed import check_fsdp_supported, check_launch, fill_fsdp_config, other_ranks_notices
     from chatsft.encode import Encoder, loss_mode_from_flags
     from chatsft.metrics import CountingCollator, ThroughputCallback
     from chatsft.model import apply_lora, load_model_for, prepare_tokenizer
+    from chatsft.preempt import PreemptionCallback
     from chatsft.preflight import check_template_tokens, run_preflight
     from chatsft.records import ReadPolicy
     from chatsft.templates import get_template
@@ -74,16 +79,19 @@ def run(model_args, data_args, args, say) -> int:
         say(notice)
 
     encoder = Encoder(template, tokenizer, loss_mode, args.model_max_length)
-    policy = ReadPolicy(data_args.max_invalid_ratio, data_args.strict, str(output_dir / "rejected.jsonl"))
+    # Every rank reads and checks the records, but only the writer rank writes the rejected ones.
+    writes = args.should_save
+    policy = ReadPolicy(data_args.max_invalid_ratio, data_args.strict,
+                        str(output_dir / "rejected.jsonl") if writes else None)
     split = build_datasets(
         encoder, data_args.data_path, eval_data_path=data_args.eval_data_path, train_ratio=data_args.train_ratio,
         seed=args.data_seed if args.data_seed is not None else args.seed, lazy=data_args.lazy_preprocess,
         num_workers=data_args.preprocessing_num_workers, cache_dir=args.cache_dir,
         policy=policy, eval_policy=ReadPolicy(data_args.max_invalid_ratio, data_args.strict,
-                                              str(output_dir / "rejected-eval.jsonl")),
+                                              str(output_dir / "rejected-eval.jsonl") if writes else None),
         main_process_first=args.main_process_first,
     )
-    for notice in split.notices:
+    for notice in [*split.notices, *other_ranks_notices(split.notices)]:
         say(notice)
     audit = {}
     for name, part in (("train", split.train_audit), ("eval", split.eval_audit)):
@@ -124,13 +132,22 @@ def run(model_args, data_args, args, say) -> int:
     else:
         base = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
     throughput = ThroughputCallback()
+    preemption = PreemptionCallback()  # before CheckpointMarker: both act on the same on_step_end
     trainer = ChatTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=split.eval,
         data_collator=CountingCollator(base), processing_class=tokenizer,
-        callbacks=[CheckpointMarker()], meter=throughput.meter,
+        callbacks=[preemption, CheckpointMarker()], meter=throughput.meter,
     )
     trainer.callback_handler.callbacks.insert(0, throughput)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        preemption.restore()
+    if preemption.stopped_at is not None:
+        say(f"stopped by {signal.Signals(preemption.signum).name} after step {preemption.stopped_at}: "
+            f"{output_dir / f'checkpoint-{preemption.stopped_at}'} is saved; run the same command to resume "
+            f"(exit code {preemption.exit_code})")
+        return preemption.exit_code
     say(f"training done: {result.global_step} steps, final train loss {result.training_loss:.4f}")
     if split.eval is not None:
         metrics = trainer.evaluate()

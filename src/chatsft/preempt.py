@@ -1,0 +1,95 @@
+"""Pre-emption: on SIGTERM, finish the optimizer step, write a complete checkpoint, stop, exit 143.
+
+Schedulers (SLURM, Kubernetes, spot instances, torchrun passing its own SIGTERM on) announce the end of a job
+with SIGTERM and kill it a grace period later. The default SIGTERM action kills the process mid-step and loses
+everything since the last checkpoint. `PreemptionCallback` installs a handler when training begins (only the main
+thread can) that merely records the signal; at the end of each optimizer step the ranks agree whether any of them
+was signalled (a one-element all-reduce, MAX), and if so every rank asks the Trainer for a checkpoint and a stop
+at that same step. Agreement matters: a rank that stopped one step before the others would leave them waiting
+in the next collective, and the checkpoint would mix two steps. The save is the Trainer's ordinary checkpoint, so
+`CheckpointMarker` marks it complete and relaunching the same command resumes from it; `chatsft.train` then
+skips the final save and exits with 128 + the signal number, so the scheduler sees an interrupted job.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger("chatsft")
+
+EXIT_BASE = 128  # shell convention: a process ended by signal N exits with 128 + N (143 for SIGTERM)
+
+
+class PreemptionCallback(TrainerCallback):
+    """Checkpoint and stop at the end of the optimizer step during which `signals` (default SIGTERM) arrived.
+
+    Put it before `CheckpointMarker` among the callbacks, so that the marker sees the save request at the same
+    `on_step_end`. After `trainer.train()` returns, `stopped_at` is the step that was saved (None when training
+    ran to its end) and `exit_code` the code to exit with. Call `restore()` when training is over (also after an
+    exception), which puts the previous handlers back.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        self.received: int | None = None  # the signal this process got, if any (set in the handler)
+        self.signum: int | None = None  # the signal the ranks agreed to stop for
+        self.stopped_at: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def exit_code(self) -> int | None:
+        return EXIT_BASE + self.signum if self.signum is not None else None
+
+    def _handle(self, signum, frame) -> None:
+        # Only a flag: the step finishes and the save runs in the training loop, not inside the handler.
+        self.received = signum
+
+    def install(self) -> bool:
+        """Install the handlers; False (and nothing installed) outside the main thread."""
+        if self._previous:
+            return True
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("pre-emption: training runs outside the main thread, so SIGTERM cannot be caught; "
+                           "a SIGTERM will end it without a checkpoint")
+            return False
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return True
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received = self.signum = self.stopped_at = None
+        self.install()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signum = self._agree(self.received or 0, getattr(args, "device", None))
+        if signum:
+            self.signum, self.stopped_at = signum, state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+            logger.warning("pre-emption: %s received %s, saving checkpoint-%d and stopping",
+                           signal.Signals(signum).name, "here" if self.received else "by another process",
+                           state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    @staticmethod
+    def _agree(signum: int, device) -> int:
+        """The largest signal number any rank received this step (0: none); every rank must call this."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return signum
+        flag = torch.tensor([signum], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())

@@ -1,0 +1,244 @@
+"""Several processes under torchrun: the same training as one process, files written once, SIGTERM agreed.
+
+On CPU the ranks are gloo DDP processes (`--use_cpu True`). Why 2 processes with per-device batch B and
+accumulation A train exactly like 1 process with batch B and accumulation 2A:
+- the sampler: accelerate replaces the Trainer's RandomSampler by a SeedableRandomSampler seeded with
+  `--data_seed` (plus the epoch) in both cases, so both runs draw one permutation; with 2 processes
+  `BatchSamplerShard` cuts it into batches of B and deals them out in turn (rank 0 batches 0, 2, 4, ...; rank 1
+  batches 1, 3, 5, ...), so an optimizer step of A micro-batches per rank covers global batches 0..2A-1, the
+  ones the single process accumulates over 2A micro-batches (32 examples, a global batch of 8: 4 steps an epoch,
+  no remainder; 6 steps cross the epoch boundary);
+- the loss: with `average_tokens_across_devices` (the default) the Trainer divides each rank's summed token loss
+  by the trained tokens of all ranks and micro-batches and scales by the world size, which DDP's gradient
+  average undoes: the gradient is sum(loss) / all trained tokens, as in one process; the logged loss is the
+  mean over ranks of the same scaled sums, i.e. the same number.
+The model has no dropout here (each rank would draw its own masks). What differs is only the order of fp32
+additions (per-rank partial sums, then the all-reduce): losses agree to ~1e-7 relative and weights to ~3e-7
+absolute after 6 Adam steps at lr 1e-2, so the tolerances are 1e-6 relative for logged values and 1e-5 absolute
+for weights. Normalising per rank instead (`--average_tokens_across_devices False`) moves the weights by ~5e-2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from collections import defaultdict
+
+import pytest
+import torch
+from chatsft_runs import (
+    Launch,
+    checkpoints,
+    command,
+    logged,
+    make_setup,
+    read_trace,
+    run,
+    train_flags,
+    weights,
+)
+
+from chatsft.checkpoint import FINAL_MARKER_NAME, checkpoint_problem
+from chatsft.distributed import _ranks, other_ranks_notices
+
+MAX_STEPS, SAVE_STEPS, BATCH, ACCUMULATION = 6, 3, 2, 2
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("multi"), dropout=0.0, bad_records=1)
+
+
+def flags(setup, out, cache, accumulation, *extra):
+    return train_flags(setup, out, cache=cache, max_steps=MAX_STEPS, batch=BATCH, accumulation=accumulation,
+                       save_steps=SAVE_STEPS, extra=extra)
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    out, trace = setup.root / "one", setup.root / "one.trace"
+    argv = flags(setup, out, setup.root / "cache-one", 2 * ACCUMULATION)
+    rc, output = run(command(argv, driver=["--trace", str(trace)]), setup.root / "one.log")
+    assert rc == 0, output[-3000:]
+    return out, output, read_trace(trace)
+
+
+@pytest.fixture(scope="module")
+def two_processes(setup):
+    out = setup.root / "two"
+    argv = flags(setup, out, setup.root / "cache-two", ACCUMULATION)
+    trace = setup.root / "two.{rank}.trace"
+    rc, output = run(command(argv, driver=["--trace", str(trace)], nproc=2), setup.root / "two.log")
+    assert rc == 0, output[-3000:]
+    rows = read_trace(setup.root / "two.0.trace", setup.root / "two.1.trace")
+    return out, output, rows
+
+
+def batches_by_step(rows):
+    steps = defaultdict(list)
+    for row in rows:
+        steps[row["step"]].append(row["batch"])
+    return {step: sorted(batch) for step, batch in steps.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_train_like_one_with_twice_the_accumulation(one_process, two_processes):
+    one, _, one_rows = one_process
+    two, _, two_rows = two_processes
+    # the same global batches in every optimizer step, half of them on each rank
+    assert batches_by_step(two_rows) == batches_by_step(one_rows)
+    assert len(batches_by_step(one_rows)) == MAX_STEPS
+    for rank in (0, 1):
+        assert sum(r["rank"] == rank for r in two_rows) == MAX_STEPS * ACCUMULATION
+
+    one_log, two_log = logged(one), logged(two)
+    assert [e["step"] for e in two_log] == list(range(1, MAX_STEPS + 1))
+    for a, b in zip(one_log, two_log):
+        assert (a["step"], a["epoch"], a["learning_rate"]) == (b["step"], b["epoch"], b["learning_rate"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=0)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6, abs=0)
+    assert two_log[-1]["loss"] < two_log[0]["loss"]
+
+    w1, w2 = weights(one), weights(two)
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_write_everything_once(setup, one_process, two_processes):
+    one, one_output, _ = one_process
+    two, output, _ = two_processes
+
+    # one final model, one set of checkpoints, one audit and one rejects file: the same files as one process
+    def listing(folder):
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                      if p.is_file() and not p.name.startswith("rng_state"))
+
+    assert listing(two) == listing(one)
+    assert (two / FINAL_MARKER_NAME).is_file()
+    assert sorted(checkpoints(two)) == [3, 6]
+    for folder in checkpoints(two).values():
+        assert checkpoint_problem(folder) is None
+        assert sorted(p.name for p in folder.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    rejected = [json.loads(line) for line in (two / "rejected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rejected] == ["bad0"]
+    audit = json.loads((two / "audit.json").read_text())
+    assert audit == json.loads((one / "audit.json").read_text())
+
+    # only rank 0 prints; the data were encoded once, by rank 0, and rank 1 read them from its cache
+    for notice in ("saved the final model", "training done: 6 steps", "read 33 records"):
+        assert output.count(notice) == 1, notice
+    cache = setup.root / "cache-two"
+    lines = output.splitlines()
+    assert [x for x in lines if "encoded and cached" in x] == [
+        x for x in lines if x.startswith(f"[chatsft] training examples encoded and cached: 32 ({cache}/")]
+    assert len([x for x in lines if "encoded and cached" in x]) == 1
+    loaded = [x for x in lines if "loaded from cache" in x]
+    assert len(loaded) == 1 and loaded[0].startswith("[chatsft] rank 1: training examples loaded from cache: 32")
+    assert [p.name.endswith("-train") for p in cache.iterdir()] == [True]  # one cache entry, no leftover tmp
+    assert "rank 1:" not in one_output
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes(setup, two_processes):
+    """Only rank 1 gets SIGTERM: the ranks agree at the end of the step, both save that step's checkpoint and
+    exit 143; `torchrun -m chatsft.train` relaunched with the same flags ends exactly like the uninterrupted run."""
+    two, _, _ = two_processes
+    out = setup.root / "sigterm"
+    argv = flags(setup, out, setup.root / "cache-two", ACCUMULATION)
+    with Launch(command(argv, nproc=2), setup.root / "sigterm1.log") as launch:
+        launch.wait_for(lambda: "'loss'" in launch.output(), "the first logged step")
+        workers = launch.worker_pids()
+        assert sorted(workers) == [0, 1]
+        os.kill(workers[1], signal.SIGTERM)
+        rc = launch.wait()
+        output = launch.output()
+    assert rc != 0, output[-3000:]
+    # Each rank exits 143 after the checkpoint; once the first has left, torchrun sends SIGTERM to the other,
+    # which then may be past the save with the default handler back (-15): nothing is lost by then, since no
+    # rank leaves `CheckpointMarker.on_save` before every rank has finished the checkpoint.
+    codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s*exitcode\s*: (-?\d+)", output))
+    assert "143" in codes.values() and set(codes.values()) <= {"143", "-15"}, output[-3000:]
+    stopped = [line for line in output.splitlines() if "stopped by SIGTERM after step" in line]
+    assert len(stopped) == 1, output[-3000:]
+    step = int(stopped[0].split("after step ")[1].split(":")[0])
+    assert 1 <= step < MAX_STEPS
+    # rank 1 got the signal, rank 0 learnt of it from the all-reduce at the same step's end
+    agreed = sorted(line for line in output.splitlines() if "pre-emption: SIGTERM received" in line)
+    assert agreed == [f"pre-emption: SIGTERM received by another process, saving checkpoint-{step} and stopping",
+                      f"pre-emption: SIGTERM received here, saving checkpoint-{step} and stopping"], agreed
+    saved = out / f"checkpoint-{step}"
+    assert checkpoint_problem(saved) is None
+    assert sorted(p.name for p in saved.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert not (out / FINAL_MARKER_NAME).exists()
+
+    rc, output = run(command(argv, nproc=2), setup.root / "sigterm2.log")
+    assert rc == 0, output[-3000:]
+    assert f"resuming from {saved}" in output
+    assert logged(out) == logged(two)
+    w, ref = weights(out), weights(two)
+    assert [k for k in ref if not torch.equal(w[k], ref[k])] == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="FSDP through the HF Trainer needs a CUDA device; "
+                                                          "none is visible")
+def test_fsdp_full_shard_on_gpu(setup, tmp_path):
+    """`--fsdp full_shard auto_wrap` (FSDP2, sharded checkpoints) through the Trainer on 1-2 GPUs: trains like
+    one plain GPU process with the same global batch, saves one full model, and resumes from a sharded
+    checkpoint. GPU kernels and reduce-scatter order are not bit-reproducible: tolerances 1e-4."""
+    nproc = min(2, torch.cuda.device_count())
+    config = tmp_path / "fsdp.json"
+    config.write_text(json.dumps({"version": 2, "reshard_after_forward": True,
+                                  "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                  "state_dict_type": "SHARDED_STATE_DICT"}))
+    gpu = ("--tf32", "False")
+    fsdp = ("--fsdp", "full_shard auto_wrap", "--fsdp_config", str(config))
+
+    plain = tmp_path / "plain"
+    rc, output = run(command(train_flags(setup, plain, cache=tmp_path / "cache", max_steps=MAX_STEPS, batch=BATCH,
+                                         accumulation=4, save_steps=SAVE_STEPS, cpu=False, extra=gpu)),
+                     tmp_path / "plain.log")
+    assert rc == 0, output[-3000:]
+
+    out = tmp_path / "fsdp"
+    argv = train_flags(setup, out, cache=tmp_path / "cache", max_steps=MAX_STEPS, batch=BATCH,
+                       accumulation=4 // nproc, save_steps=SAVE_STEPS, cpu=False, extra=gpu + fsdp)
+    rc, output = run(command(argv, nproc=nproc), tmp_path / "fsdp.log")
+    assert rc == 0, output[-3000:]
+    assert "FSDP: each LlamaDecoderLayer is one shard unit" in output
+    assert output.count("saved the final model") == 1
+    assert sorted(checkpoints(out)) == [3, 6]
+    for folder in checkpoints(out).values():
+        assert checkpoint_problem(folder) is None
+        assert any(p.is_dir() for p in folder.glob("pytorch_model_fsdp*"))  # sharded, one file set per rank
+    for a, b in zip(logged(plain), logged(out)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    w_plain, w_fsdp = weights(plain), weights(out)
+    assert w_plain.keys() == w_fsdp.keys()  # the full model, gathered from the shards
+    for name in w_plain:
+        torch.testing.assert_close(w_fsdp[name], w_plain[name], rtol=0, atol=1e-4, msg=name)
+
+    # resume from the sharded checkpoint-3 (checkpoint-6 voided): the same final weights
+    (checkpoints(out)[6] / "chatsft-complete.json").unlink()
+    rc, output = run(command(argv, nproc=nproc), tmp_path / "fsdp-resume.log")
+    assert rc == 0, output[-3000:]
+    assert f"resuming from {checkpoints(out)[3]}" in output
+    resumed = weights(out)
+    for name in w_fsdp:
+        torch.testing.assert_close(resumed[name], w_fsdp[name], rtol=0, atol=1e-4, msg=name)
+
+
+def test_other_ranks_notices_single_process_and_rank_lists():
+    assert other_ranks_notices(["anything"]) == []  # no process group: nothing to gather
+    assert _ranks([1]) == "rank 1"
+    assert _ranks(list(range(1, 8))) == "ranks 1-7"
+    assert _ranks([1, 4, 5, 6, 9]) == "ranks 1, 4-6, 9"
