@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from chatsft import checkpoint as ck
+from chatsft import final as fin
 from chatsft.errors import ConfigError
 from chatsft.plot import plot_loss
 
@@ -223,7 +224,7 @@ def _stop_ids(tok):
 
 def _save(trainer, tok, out, **kw):
     kw.setdefault("check_text", (MESSAGES, TEXT))
-    return ck.save_final(trainer, tok, out, chat_template=TEMPLATE, stop_token_ids=_stop_ids(tok), **kw)
+    return fin.save_final(trainer, tok, out, chat_template=TEMPLATE, stop_token_ids=_stop_ids(tok), **kw)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -246,7 +247,7 @@ def test_save_final_writes_a_checked_model_that_transformers_loads(trained, tmp_
     finally:
         trainer.model.config.use_cache = True
     assert out == tmp_path / "final"
-    assert not (out / ck.FINAL_TMP_NAME).exists() and not list(out.glob(".*"))
+    assert not (out / fin.FINAL_TMP_NAME).exists() and not list(out.glob(".*"))
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.use_cache is True
     expected = trainer.model.state_dict()
@@ -260,7 +261,7 @@ def test_save_final_writes_a_checked_model_that_transformers_loads(trained, tmp_
     assert json.loads((out / "audit.json").read_text()) == {"ok": 1}
     assert (out / "loss.png").read_bytes() == PNG_SIGNATURE
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 10
-    marker = json.loads((out / ck.FINAL_MARKER_NAME).read_text())
+    marker = json.loads((out / fin.FINAL_MARKER_NAME).read_text())
     assert "model.safetensors" in marker["files"] and "tokenizer_config.json" in marker["files"]
 
 
@@ -275,11 +276,11 @@ def test_a_failed_check_leaves_the_previous_final_model_untouched(trained, tmp_p
     def broken(*args, **kwargs):
         raise RuntimeError("tensor differs")
 
-    monkeypatch.setattr(ck, "_compare_state_dicts", broken)
+    monkeypatch.setattr(fin, "_compare_state_dicts", broken)
     with pytest.raises(RuntimeError, match="tensor differs"):
         _save(trainer, tok, out)
     assert _snapshot(out) == before
-    assert not (out / ck.FINAL_TMP_NAME).exists()
+    assert not (out / fin.FINAL_TMP_NAME).exists()
 
 
 def test_a_new_final_model_replaces_the_old_one_and_its_stale_weight_files(trained, tmp_path):
@@ -313,7 +314,7 @@ def test_a_peft_model_saves_its_adapter_and_a_verified_merged_model(tmp_path):
     trainer = _trainer(tok, tmp_path / "run", model=peft_model)
     out = _save(trainer, tok, tmp_path / "final", merge=True)
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
-    merged = AutoModelForCausalLM.from_pretrained(out / ck.MERGED_SUBDIR)
+    merged = AutoModelForCausalLM.from_pretrained(out / fin.MERGED_SUBDIR)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, peft_model(input_ids=ids).logits, atol=1e-5)

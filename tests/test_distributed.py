@@ -73,7 +73,7 @@ def test_decoder_layer_classes_falls_back_to_the_repeated_block():
 
 
 def test_decoder_layer_classes_sees_through_lora():
-    from chatsft.model import apply_lora
+    from chatsft.lora import apply_lora
 
     peft_model, _ = apply_lora(_tiny(), r=2)
     assert decoder_layer_classes(peft_model) == ["LlamaDecoderLayer"]

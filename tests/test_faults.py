@@ -34,7 +34,8 @@ from chatsft_runs import (
     weights,
 )
 
-from chatsft.checkpoint import FINAL_MARKER_NAME, MARKER_NAME, checkpoint_problem
+from chatsft.checkpoint import MARKER_NAME, checkpoint_problem
+from chatsft.final import FINAL_MARKER_NAME
 from chatsft.preempt import PreemptionCallback
 
 MAX_STEPS, SAVE_STEPS = 10, 2

@@ -8,22 +8,21 @@ import pytest
 import torch
 
 from chatsft.errors import ConfigError
+from chatsft.lora import apply_lora, merge_lora
 from chatsft.model import (
     YUAN2_TOKENS,
     add_special_tokens,
-    apply_lora,
-    apply_rope_scaling,
     detect_family,
     family_preset,
     load_config,
     load_for_training,
     load_model,
     load_tokenizer,
-    merge_lora,
     resolve_preset,
     restore_use_cache,
     setup_pad_token,
 )
+from chatsft.rope import apply_rope_scaling
 from chatsft.tiny import build_model
 
 CTX = 64

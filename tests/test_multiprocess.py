@@ -40,8 +40,9 @@ from chatsft_runs import (
     weights,
 )
 
-from chatsft.checkpoint import FINAL_MARKER_NAME, checkpoint_problem
+from chatsft.checkpoint import checkpoint_problem
 from chatsft.distributed import _ranks, other_ranks_notices
+from chatsft.final import FINAL_MARKER_NAME
 
 MAX_STEPS, SAVE_STEPS, BATCH, ACCUMULATION = 6, 3, 2, 2
 

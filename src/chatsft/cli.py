@@ -28,7 +28,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser = argparse.ArgumentParser(prog="chatsft", description="Fine-tune causal language models into chat models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parsers = {}
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (_, help_text) in COMMANDS.items():
         parsers[name] = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "train")
     return parser, parsers
 

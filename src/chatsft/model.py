@@ -1,24 +1,20 @@
-"""Load the model and tokenizer for training: dtype, attention, RoPE scaling, pad token, family tokens, LoRA.
+"""Load the model and tokenizer for training: dtype, attention, RoPE scaling, pad token, family tokens.
 
 This replaces FastChat's monkey patches and per-family scripts with plain functions. The config is read and
 adjusted (RoPE, `use_cache`) before any weight loads; the vocabulary only ever grows, and when it does the
 embeddings grow with it, new rows set to the mean of the old ones. Every user mistake (a missing folder, a
 config.json that is not there, an unknown family, flash-attention without a GPU) is a one-line `ConfigError`.
-
-transformers 5 keeps RoPE settings in `config.rope_parameters`, one dict holding `rope_type`, `rope_theta`
-and the scaling keys (`factor`, `original_max_position_embeddings`, ...). FastChat's
-`config.rope_scaling = {"type": "linear", "factor": f}` goes through a deprecated setter that replaces that
-dict, so `rope_theta` becomes None and an existing `llama3`/`yarn` scaling is lost; we edit a copy instead.
+RoPE scaling lives in `chatsft.rope`, LoRA in `chatsft.lora`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatsft.errors import ConfigError
+from chatsft.rope import apply_rope_scaling
 
 DTYPES = {
     "bf16": "bfloat16",
@@ -111,102 +107,6 @@ def load_config(path, *, trust_remote_code: bool = False):
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:  # unreadable JSON, unknown model_type, remote code refused
         raise _hub_error(path, "model config", err) from None
-
-
-# --- RoPE ---------------------------------------------------------------------------------------------------
-
-
-def _covered(rtype: str, params: dict, ctx: int) -> float:
-    """The context length the current RoPE settings cover, in transformers' conventions per type."""
-    factor = float(params.get("factor") or 1.0)
-    if rtype == "default":
-        return ctx
-    if rtype == "linear":  # positions are divided by factor: max_position_embeddings is the pretrained length
-        return ctx * factor
-    if rtype == "dynamic":  # NTK base grows with the sequence length at run time
-        return math.inf
-    # Llama-3.1 keeps the extended length in max_position_embeddings, Qwen's yarn the original one
-    if rtype in ("llama3", "yarn"):
-        return max(ctx, (params.get("original_max_position_embeddings") or ctx) * factor)
-    return ctx
-
-
-def apply_rope_scaling(config, model_max_length: int | None) -> str | None:
-    """Scale RoPE in `config` (in place) so its context covers `model_max_length`; return a notice, or None.
-
-    No scaling yet: linear, factor ceil(model_max_length / max_position_embeddings) (FastChat's rule),
-    rope_theta and every other key kept. An existing scaling keeps its type: left alone when it already covers
-    the length, else its factor is raised (linear: over max_position_embeddings; llama3/yarn: over
-    original_max_position_embeddings, with max_position_embeddings raised to match, which is where vLLM reads
-    the context of a llama3 model). `dynamic` adapts at run time and is left alone; other types (longrope,
-    ...) cannot be extended safely and raise `ConfigError`.
-    """
-    ctx = getattr(config, "max_position_embeddings", None)
-    if not model_max_length or not ctx:
-        return None
-    has_rope = hasattr(config, "rope_parameters")
-    remote = not type(config).__module__.startswith("transformers.")
-    params = getattr(config, "rope_parameters", None) or {}
-    nested = any(isinstance(v, dict) for v in params.values())  # gemma3-style, one dict per layer type
-    rtype = params.get("rope_type") or params.get("type") or "default"
-    covered = _covered(rtype, params, ctx) if not nested else ctx
-    if model_max_length <= covered:
-        if rtype == "default":
-            return None
-        return (
-            f"RoPE: existing {rtype} scaling (factor {float(params.get('factor') or 1):g}) already covers "
-            f"model_max_length "
-            f"{model_max_length} (context {covered if covered != math.inf else 'unbounded'}): left unchanged"
-        )
-    name = getattr(config, "model_type", None) or type(config).__name__
-    if nested:
-        raise ConfigError(
-            f"model_max_length {model_max_length} exceeds {name}'s context {ctx} and its per-layer "
-            "RoPE parameters cannot be scaled by chatsft; lower --model_max_length"
-        )
-    if not has_rope and not remote:
-        raise ConfigError(
-            f"model_max_length {model_max_length} exceeds {name}'s {ctx} positions and the model has "
-            f"no RoPE to scale; use --model_max_length {ctx} or less"
-        )
-    new = dict(params)
-    theta = new.get("rope_theta", getattr(config, "rope_theta", None))
-    if theta is not None:
-        new["rope_theta"] = theta
-    if rtype in ("default", "linear"):
-        new["rope_type"] = "linear"
-        new["factor"] = float(math.ceil(model_max_length / ctx))
-        if "type" in new or remote:  # legacy readers (remote code) look at "type"
-            new["type"] = "linear"
-        kept = f", rope_theta {theta} kept" if theta is not None else ""
-        what = (
-            "linear scaling factor {:g} applied".format(new["factor"])
-            if rtype == "default"
-            else "existing linear scaling factor {:g} -> {:g}".format(
-                float(params.get("factor") or 1), new["factor"]
-            )
-        )
-        notice = f"RoPE: model_max_length {model_max_length} > context {int(covered)}: {what}{kept}"
-    elif rtype in ("llama3", "yarn"):
-        orig = int(new.get("original_max_position_embeddings") or ctx)
-        new["original_max_position_embeddings"] = orig
-        new["factor"] = float(math.ceil(model_max_length / orig))
-        new_ctx = max(ctx, int(orig * new["factor"]))
-        notice = (
-            f"RoPE: model_max_length {model_max_length} > context {int(covered)}: existing {rtype} scaling "
-            f"extended, factor {float(params.get('factor') or 1):g} -> {new['factor']:g} over original "
-            f"{orig} positions; max_position_embeddings {ctx} -> {new_ctx}"
-        )
-        config.max_position_embeddings = new_ctx
-    else:
-        raise ConfigError(
-            f"model_max_length {model_max_length} exceeds {name}'s context {int(covered)} and its "
-            f"'{rtype}' RoPE scaling cannot be extended safely; lower --model_max_length"
-        )
-    config.rope_parameters = new
-    if remote:
-        notice += " (remote-code model: it must read config.rope_scaling for this to take effect)"
-    return notice
 
 
 # --- model and tokenizer ------------------------------------------------------------------------------------
@@ -515,89 +415,3 @@ def load_for_training(
     )
     pad = notices[-1].rsplit("(", 1)[-1].rstrip(")")
     return LoadedModel(model, tokenizer, preset, pad, grew, more + notices)
-
-
-# --- LoRA ---------------------------------------------------------------------------------------------------
-
-
-def lora_target_modules(model) -> list[str]:
-    """Leaf names of every linear projection in the model (attention and MLP), the output head excluded."""
-    import torch
-
-    head = model.get_output_embeddings()
-    names = set()
-    for name, module in model.named_modules():
-        if module is head or not name:
-            continue
-        # Conv1D: GPT-2 style projections
-        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
-            names.add(name.rsplit(".", 1)[-1])
-    if not names:
-        raise ConfigError("no linear layers found for LoRA; pass --lora_target_modules")
-    return sorted(names)
-
-
-def _module_name(model, target) -> str | None:
-    return next((name for name, module in model.named_modules() if module is target), None)
-
-
-def apply_lora(
-    model,
-    *,
-    r: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.05,
-    target_modules: list[str] | None = None,
-    train_embeddings: bool = False,
-):
-    """Wrap `model` with LoRA adapters; return `(peft_model, notice)`.
-
-    `train_embeddings` (pass `LoadedModel.vocab_grew`): the input embeddings and lm_head are trained in full
-    and saved with the adapter (`modules_to_save`), since the new tokens' rows start as a mean and must be
-    learned; a tied lm_head stays tied to its trained copy. Input grads are enabled so that gradient
-    checkpointing (turned on now or later by the Trainer) still reaches the adapters through frozen layers.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    if r <= 0:
-        raise ConfigError(f"lora r must be positive, got {r}")
-    targets = list(target_modules) if target_modules else lora_target_modules(model)
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise ConfigError(f"LoRA target modules not in the model: {', '.join(missing)}")
-    to_save = None
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    if train_embeddings:
-        heads = [model.get_input_embeddings(), model.get_output_embeddings()]
-        to_save = [
-            n.rsplit(".", 1)[-1] for n in (_module_name(model, m) for m in heads if m is not None) if n
-        ]
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-        modules_to_save=list(to_save or []) or None,  # a copy: peft extends it with the tied names
-        # only when needed: older peft releases lack the option
-        **({"ensure_weight_tying": True} if tied and to_save else {}),
-    )
-    model.enable_input_require_grads()
-    peft_model = get_peft_model(model, config)
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
-    notice = (
-        f"LoRA r={r} alpha={alpha} dropout={dropout} on {', '.join(targets)}"
-        + (f", training {', '.join(to_save)} in full" if to_save else "")
-        + f": {trainable:,} of {total:,} parameters trainable"
-    )
-    return peft_model, notice
-
-
-def merge_lora(model):
-    """Fold the adapters into the weights and return the plain transformers model (for a merged save)."""
-    from peft import PeftModel
-
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model

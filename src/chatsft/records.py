@@ -202,7 +202,7 @@ def read_conversations(
                 _reject(report, Problem(source, r.reason, r.detail, index, rid, r.turn), raw=raw)
                 if policy is not None and policy.strict:
                     _finish(report, policy)
-                    raise DataError(f"{report.problems[-1]} (--strict stops at the first rejected record)")
+                    raise DataError(f"{report.problems[-1]} (--strict stops at the first rejected record)") from None
                 continue
             report.accepted += 1
             report.leading_assistant_dropped += dropped

@@ -39,8 +39,9 @@ def run(model_args, data_args, args, say) -> int:
     from chatsft.data import build_datasets
     from chatsft.distributed import check_fsdp_supported, check_launch, fill_fsdp_config, other_ranks_notices
     from chatsft.encode import Encoder, loss_mode_from_flags
+    from chatsft.lora import apply_lora
     from chatsft.metrics import CountingCollator, ThroughputCallback
-    from chatsft.model import apply_lora, load_model_for, prepare_tokenizer
+    from chatsft.model import load_model_for, prepare_tokenizer
     from chatsft.preempt import PreemptionCallback
     from chatsft.preflight import check_template_tokens, run_preflight
     from chatsft.records import ReadPolicy
@@ -157,8 +158,8 @@ def run(model_args, data_args, args, say) -> int:
 
 
 def _save(trainer, tokenizer, template, encoder, split, audit, model_args, output_dir: Path, say) -> None:
-    from chatsft.checkpoint import save_final
     from chatsft.data import encoder_stop_ids
+    from chatsft.final import save_final
     from chatsft.model import restore_use_cache
     from chatsft.plot import plot_loss
     from chatsft.templates import render_text
