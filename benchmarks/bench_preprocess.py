@@ -29,44 +29,15 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dummy_conversation.json"
-MAX_LENGTH = 2048
+from common import DEFAULT_DATA, MAX_LENGTH, make_data, mistral_tokenizer_dir  # benchmarks/common.py
+
 SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-
-
-def mistral_tokenizer_dir(dest: Path) -> Path:
-    """A tokenizer folder holding Mistral-7B-v0.1's SentencePiece model (as tests/conftest.py builds it)."""
-    import mistral_common
-
-    src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, dest / "tokenizer.model")
-    config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "legacy": False,
-        "add_bos_token": True,
-        "add_eos_token": False,
-    }
-    (dest / "tokenizer_config.json").write_text(json.dumps({**config, **SPECIALS}))
-    return dest
-
-
-def make_data(source: Path, n: int, dest: Path) -> Path:
-    records = json.loads(source.read_text(encoding="utf-8"))
-    out = []
-    for i in range(n):
-        record = dict(records[i % len(records)])
-        record["id"] = f"{record.get('id', 'r')}_{i // len(records)}"
-        out.append(record)
-    dest.write_text(json.dumps(out, ensure_ascii=False), encoding="utf-8")
-    return dest
 
 
 # ---- FastChat, reproduced (fastchat/conversation.py vicuna_v1.1 and fastchat/train/train.py preprocess) ----
