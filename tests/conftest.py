@@ -64,6 +64,19 @@ def bpe_tokenizer():
     return build_tokenizer(BPE_CORPUS, vocab_size=400)
 
 
+# Control markers of the built-in templates that the tiny tokenizer does not have by default.
+EXTRA_MARKERS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                 "<reserved_102>", "<reserved_103>", "<reserved_106>", "<reserved_107>"]
+
+
+@pytest.fixture(scope="session")
+def bpe_all_markers():
+    """Byte-level BPE holding every built-in template's control markers as special tokens."""
+    from chatsft.tiny import TINY_SPECIAL_TOKENS, build_tokenizer
+
+    return build_tokenizer(BPE_CORPUS, vocab_size=400, special_tokens=TINY_SPECIAL_TOKENS + EXTRA_MARKERS)
+
+
 @pytest.fixture()
 def write_file(tmp_path):
     """write_file(name, content) -> Path; content is str (written as UTF-8), bytes, or a JSON-able object."""

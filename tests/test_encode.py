@@ -8,7 +8,6 @@ import pickle
 from pathlib import Path
 
 import pytest
-from conftest import BPE_CORPUS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,16 +24,6 @@ from chatsft.errors import ConfigError
 from chatsft.records import Conversation
 from chatsft.templates import BUILTINS, render
 
-EXTRA_MARKERS = [
-    "<|begin_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-    "<reserved_102>",
-    "<reserved_103>",
-    "<reserved_106>",
-    "<reserved_107>",
-]
 SMALL = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "Hi"},
@@ -45,11 +34,8 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def bpe_all():
-    """Byte-level BPE holding every built-in's control markers."""
-    from chatsft.tiny import TINY_SPECIAL_TOKENS, build_tokenizer
-
-    return build_tokenizer(BPE_CORPUS, vocab_size=400, special_tokens=TINY_SPECIAL_TOKENS + EXTRA_MARKERS)
+def bpe_all(bpe_all_markers):
+    return bpe_all_markers
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BPE_CORPUS
 
 from chatsft.errors import ConfigError
 from chatsft.templates import (
@@ -19,17 +18,6 @@ from chatsft.templates import (
     render_text,
     template_from_tokenizer,
 )
-
-EXTRA_MARKERS = [
-    "<|begin_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-    "<reserved_102>",
-    "<reserved_103>",
-    "<reserved_106>",
-    "<reserved_107>",
-]
 
 QA = [
     {"role": "user", "content": "q1"},
@@ -97,11 +85,8 @@ GOLDEN_PROMPT = {
 
 
 @pytest.fixture(scope="module")
-def tok():
-    """Byte-level BPE holding every built-in's control markers as special tokens."""
-    from chatsft.tiny import TINY_SPECIAL_TOKENS, build_tokenizer
-
-    return build_tokenizer(BPE_CORPUS, vocab_size=400, special_tokens=TINY_SPECIAL_TOKENS + EXTRA_MARKERS)
+def tok(bpe_all_markers):
+    return bpe_all_markers
 
 
 def test_every_family_has_a_golden_string():
