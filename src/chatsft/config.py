@@ -80,8 +80,10 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    model_max_length: int = field(
-        default=2048, metadata={"help": "Maximum tokens per example; longer examples are truncated (start kept)."}
+    model_max_length: int | None = field(
+        default=None,
+        metadata={"help": "Maximum tokens per example; longer examples are truncated (start kept). Default: the "
+                          "model's context (max_position_embeddings). Above it, RoPE scaling is applied."},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where encoded datasets are cached."})
     overwrite_output_dir: bool = field(

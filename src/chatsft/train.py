@@ -41,7 +41,7 @@ def run(model_args, data_args, args, say) -> int:
     from chatsft.encode import Encoder, loss_mode_from_flags
     from chatsft.lora import apply_lora
     from chatsft.metrics import CountingCollator, ThroughputCallback
-    from chatsft.model import load_model_for, prepare_tokenizer
+    from chatsft.model import load_config, load_model_for, prepare_tokenizer
     from chatsft.preempt import PreemptionCallback
     from chatsft.preflight import check_template_tokens, run_preflight
     from chatsft.records import ReadPolicy
@@ -65,6 +65,10 @@ def run(model_args, data_args, args, say) -> int:
         say(notice)
     say(f"resuming from {resume}" if resume else "starting from step 0")
 
+    if args.model_max_length is None:  # FastChat defaults to 512; the model's own context is what users expect
+        config = load_config(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        args.model_max_length = getattr(config, "max_position_embeddings", None) or 2048
+        say(f"--model_max_length not given: using the model's context, {args.model_max_length} tokens")
     tokenizer, preset, notices = prepare_tokenizer(
         model_args.model_name_or_path, model_max_length=args.model_max_length,
         tokenizer_path=model_args.tokenizer_name_or_path, model_family=model_args.model_family,
