@@ -51,6 +51,8 @@ def run(model_args, data_args, args, say) -> int:
     transformers.set_seed(args.seed)
     loss_mode = loss_mode_from_flags(data_args.loss_mode, data_args.efficient_loss, data_args.last_response_loss,
                                      data_args.split_example_loss)
+    if data_args.packing and data_args.lazy_preprocess:
+        raise ChatsftError("--packing needs every example's length up front: drop --lazy_preprocess")
     check_launch(args)
     check_fsdp_supported(args)
     for notice in run_preflight(
@@ -126,8 +128,6 @@ def run(model_args, data_args, args, say) -> int:
 
     train_dataset = split.train
     if data_args.packing:
-        if data_args.lazy_preprocess:
-            raise ChatsftError("--packing needs every example's length up front: drop --lazy_preprocess")
         train_dataset = PackedDataset(split.train, args.model_max_length, lengths=split.train["length"])
         say(f"packing: {len(split.train)} examples into {len(train_dataset)} rows of up to "
             f"{args.model_max_length} tokens ({100 * train_dataset.fill():.1f}% full)")
