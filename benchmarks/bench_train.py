@@ -37,8 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import DEFAULT_DATA, mistral_tokenizer_dir  # benchmarks/common.py
+
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "dummy_conversation.json"
 CHATSFT_VARIANTS = ("pad-to-max", "dynamic", "padding-free", "packing")
 TRL_VARIANTS = ("trl-padding-free", "trl-packing")
 TEMPLATE = "vicuna_v1.1"
@@ -98,6 +99,7 @@ def main() -> None:
         print(f"note: {a.trl_python} not found, skipping the TRL variants", file=sys.stderr)
         variants = [v for v in variants if v.split(":")[0] not in TRL_VARIANTS]
     workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench_train-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     if a.concat > 1:
         a.data = str(concat_records(Path(a.data), a.concat, workdir))
     stats = setup(workdir, a)
@@ -154,19 +156,6 @@ def concat_records(path: Path, n: int, workdir: Path) -> Path:
     out = workdir / f"{path.stem}-concat{n}.json"
     out.write_text(json.dumps(joined))
     return out
-
-
-def mistral_tokenizer_dir(dest: Path) -> Path:
-    """Mistral-7B-v0.1's SentencePiece tokenizer (32000 tokens) from the mistral-common wheel (as tests/conftest.py)."""
-    import mistral_common
-
-    src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, dest / "tokenizer.model")
-    config = {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
-              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    (dest / "tokenizer_config.json").write_text(json.dumps(config))
-    return dest
 
 
 def run_worker(a, workdir: Path, variant: str, length: int, profile: bool = False) -> dict:
