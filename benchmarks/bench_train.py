@@ -84,7 +84,8 @@ def main() -> None:
     ap.add_argument("--optim", default="adamw_torch_fused", help="the same optimizer for every variant")
     ap.add_argument("--trl-python", default=str(ROOT / ".venv-bench" / "bin" / "python"))
     ap.add_argument("--workdir", help="keep the model, tokenizer and encoded data here (default: a temp folder)")
-    ap.add_argument("--profile", metavar="VARIANT", help="run only VARIANT (first length) under cProfile, print the top")
+    ap.add_argument("--profile", metavar="VARIANT",
+                    help="run only VARIANT (first length) under cProfile and print the top functions")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -183,7 +184,8 @@ def print_table(a, stats, variants, results) -> None:
 
     import torch
 
-    print(f"\nPython {platform.python_version()}, torch {torch.__version__}, {a.threads} thread(s), {os.cpu_count()} CPUs; "
+    print(f"\nPython {platform.python_version()}, torch {torch.__version__}, {a.threads} thread(s), "
+          f"{os.cpu_count()} CPUs; "
           f"Llama hidden {a.hidden}, {a.layers} layers, vocab 32000; {Path(a.data).name}, {TEMPLATE}; "
           f"{a.batch} examples/step (packed: 1 row); {a.steps} steps timed after {a.warmup} "
           f"(pad-to-max: {a.baseline_steps[1]} after {a.baseline_steps[0]}); optimizer {a.optim}; "
