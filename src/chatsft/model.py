@@ -342,12 +342,14 @@ def prepare_tokenizer(
     trust_remote_code: bool = False,
     padding_side: str = "right",
     extra_special_tokens: list[str] | None = None,
-) -> tuple[object, Preset, list[str]]:
+    config=None,
+) -> tuple[object, Preset, str, list[str]]:
     """Config -> family preset -> tokenizer with the family's and the user's special tokens and a pad token.
 
-    Reads only the config, never the weights, so data problems surface before the model is loaded.
+    Returns (tokenizer, preset, how the pad token was chosen, notices). Reads only the config (pass it when the
+    caller has read it already), never the weights, so data problems surface before the model is loaded.
     """
-    config = load_config(path, trust_remote_code=trust_remote_code)
+    config = config or load_config(path, trust_remote_code=trust_remote_code)
     preset = resolve_preset(config, model_family=model_family, name_or_path=os.fspath(path))
     tokenizer = load_tokenizer(
         tokenizer_path or path,
@@ -367,7 +369,7 @@ def prepare_tokenizer(
         notices.append(f"--add_special_tokens: {added} of {len(extra_special_tokens)} tokens were new")
     pad = setup_pad_token(tokenizer)
     notices.append(f"pad token {tokenizer.pad_token!r} ({pad})")
-    return tokenizer, preset, notices
+    return tokenizer, preset, pad, notices
 
 
 def load_model_for(tokenizer, path, **load_kwargs) -> tuple[object, bool, list[str]]:
@@ -395,7 +397,7 @@ def load_for_training(
     extra_special_tokens: list[str] | None = None,
 ) -> LoadedModel:
     """Both stages at once: `prepare_tokenizer`, then `load_model_for`."""
-    tokenizer, preset, notices = prepare_tokenizer(
+    tokenizer, preset, pad, notices = prepare_tokenizer(
         path,
         model_max_length=model_max_length,
         tokenizer_path=tokenizer_path,
@@ -413,5 +415,4 @@ def load_for_training(
         model_max_length=model_max_length,
         gradient_checkpointing=gradient_checkpointing,
     )
-    pad = notices[-1].rsplit("(", 1)[-1].rstrip(")")
     return LoadedModel(model, tokenizer, preset, pad, grew, more + notices)

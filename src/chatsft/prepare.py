@@ -70,7 +70,7 @@ def load_encoder(args) -> tuple[Encoder, tuple[int, ...], list[str]]:
     )
     path, template_name, generation = Path(args.model_name_or_path), args.conv_template, {}
     if (path / "config.json").is_file():
-        tokenizer, preset, notices = prepare_tokenizer(
+        tokenizer, preset, _, notices = prepare_tokenizer(
             path,
             model_max_length=args.model_max_length,
             model_family=args.model_family,

@@ -67,15 +67,15 @@ def run(model_args, data_args, args, say) -> int:
         say(notice)
     say(f"resuming from {resume}" if resume else "starting from step 0")
 
+    config = load_config(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     if args.model_max_length is None:  # FastChat defaults to 512; the model's own context is what users expect
-        config = load_config(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
         args.model_max_length = getattr(config, "max_position_embeddings", None) or 2048
         say(f"--model_max_length not given: using the model's context, {args.model_max_length} tokens")
-    tokenizer, preset, notices = prepare_tokenizer(
+    tokenizer, preset, _, notices = prepare_tokenizer(
         model_args.model_name_or_path, model_max_length=args.model_max_length,
         tokenizer_path=model_args.tokenizer_name_or_path, model_family=model_args.model_family,
         trust_remote_code=model_args.trust_remote_code, padding_side=model_args.padding_side,
-        extra_special_tokens=model_args.add_special_tokens,
+        extra_special_tokens=model_args.add_special_tokens, config=config,
     )
     template_name = data_args.conv_template
     if template_name == "auto" and preset.template:
