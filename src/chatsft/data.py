@@ -17,6 +17,7 @@ replaced by the next usable one and reported on the log with its id.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -180,34 +181,39 @@ def _schema():
 
 
 def write_examples(conversations: list[Conversation], encoder: Encoder, path: Path, num_workers: int | None) -> Audit:
-    """Encode in worker processes and stream the examples, in input order, to an Arrow stream file.
+    """Encode with `num_workers` processes and stream the examples, in input order, to an Arrow stream file.
 
-    Workers build the Arrow batches themselves (the parent only appends them), and under `fork` they inherit the
+    The parent is one of the workers: it encodes every `workers`-th chunk itself and takes the others, in order,
+    from `workers - 1` forked processes (a parent that only collected results would compete with its own
+    workers for the cores). The workers build the Arrow batches themselves, and under `fork` they inherit the
     conversations, so a task is an index range and nothing large is pickled on the way out."""
     import pyarrow as pa
 
     ranges = [(i, min(i + CHUNK, len(conversations))) for i in range(0, len(conversations), CHUNK)]
-    workers = min(num_workers or os.cpu_count() or 1, len(ranges))
+    workers = max(1, min(num_workers or os.cpu_count() or 1, len(ranges)))
     stop_ids = encoder_stop_ids(encoder)
     audit = Audit(stop_ids=stop_ids)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
-        if workers <= 1:
-            results = (_encode_chunk_with(encoder, stop_ids, conversations[a:b]) for a, b in ranges)
-            pool = None
-        else:
-            fork = "fork" in multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if fork else "spawn")
-            shared = conversations if fork else None  # inherited by fork, never pickled
-            pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder, stop_ids, shared))
-            results = pool.imap(_encode_task, ranges if fork else [conversations[a:b] for a, b in ranges])
-        try:
-            for batch, partial in results:
+    others = [r for k, r in enumerate(ranges) if k % workers]
+    pool, results = None, iter(())
+    if others:
+        fork = "fork" in multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if fork else "spawn")
+        shared = conversations if fork else None  # inherited by fork, never pickled
+        gc.freeze()  # the children's garbage collector then never touches (and copies) the parent's objects
+        pool = context.Pool(workers - 1, initializer=_init_worker, initargs=(encoder, stop_ids, shared))
+        gc.unfreeze()
+        results = pool.imap(_encode_task, others if fork else [conversations[a:b] for a, b in others])
+    try:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
+            for k, (a, b) in enumerate(ranges):
+                mine = k % workers == 0
+                batch, partial = _encode_chunk_with(encoder, stop_ids, conversations[a:b]) if mine else next(results)
                 writer.write_batch(batch)
                 merge_audit(audit, partial)
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     return audit
 
 

@@ -28,8 +28,9 @@ import bisect
 import itertools
 import json
 import operator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from chatsft.errors import ConfigError
 from chatsft.records import Conversation
@@ -82,8 +83,7 @@ class Example:
         return {"id": self.id, "text": self.text, "input_ids": self.input_ids, "labels": self.labels}
 
 
-@dataclass(frozen=True)
-class TurnEnd:
+class TurnEnd(NamedTuple):  # a tuple: every trained turn makes one
     """The last trained token of a trained assistant turn."""
 
     example: str
@@ -190,7 +190,7 @@ class Encoder:
             example.input_ids, example.labels = example.input_ids[:limit], example.labels[:limit]
             if example.spans is not None:
                 example.spans = example.spans[:limit]
-            ends = [e if e.position < limit else replace(e, token_id=None) for e in ends]
+            ends = [e if e.position < limit else e._replace(token_id=None) for e in ends]
             if all(label == IGNORE_INDEX for label in example.labels):
                 result.dropped += 1
                 return
@@ -201,7 +201,7 @@ class Encoder:
 
     def encode_segments(self, segments: list[Segment], example_id: str = "", train_all: bool = False):
         """Tokenize the rendered text once and label each token from the segment(s) its span covers."""
-        text = "".join(s.text for s in segments)
+        text = "".join([s.text for s in segments])
         enc = self._naive().encode(text, add_special_tokens=False)
         starts = list(itertools.accumulate([len(s.text) for s in segments[:-1]], initial=0))
 
@@ -209,7 +209,7 @@ class Encoder:
             a = bisect.bisect_right(starts, s) - 1
             return segments[a : max(a, bisect.bisect_right(starts, e - 1) - 1) + 1]
 
-        ids, spans = self._sanitize(text, enc.ids, enc.offsets, covered)
+        ids, spans = self._sanitize(text, enc.ids, enc.offsets, covered, segments, starts)
         labeled = _label_by_segment(segments, starts, ids, spans, train_all) if ids else None
         if labeled is None:
             labeled = _label_by_token(segments, covered, ids, spans, train_all)
@@ -228,7 +228,7 @@ class Encoder:
             ends.append(TurnEnd(example_id, turn, index, ids[index], marker, stop))
         return Example(example_id, text, ids, labels, spans), ends
 
-    def _sanitize(self, text: str, ids: list[int], spans: list[tuple[int, int]], covered):
+    def _sanitize(self, text: str, ids: list[int], spans: list[tuple[int, int]], covered, segments, starts):
         """Replace each control token read from message text, and the rest of its piece (the text up to the
         next added token the tokenizer splits at), by the plain-text encoding of that stretch, encoded
         mid-text. Returns (ids, spans)."""
@@ -236,6 +236,9 @@ class Encoder:
         # only the (few) control tokens need a look: find them without a Python loop over every token
         for k in itertools.compress(range(len(ids)), map(self.control_ids.__contains__, ids)):
             s, e = spans[k]
+            a = bisect.bisect_right(starts, s) - 1
+            if not segments[a].content and e <= starts[a] + len(segments[a].text):
+                continue  # inside one piece of template text: the template's own BOS/EOS (the usual case)
             content = [c.content for c in covered(s, e)]
             if all(content):
                 bad.add(k)

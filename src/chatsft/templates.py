@@ -17,14 +17,14 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
+from typing import NamedTuple
 
 from chatsft.errors import ConfigError
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):  # a tuple: immutable and cheap to build (a conversation makes a dozen)
     text: str
     trainable: bool
     content: bool  # True: text from a message, encoded as plain text (never as control tokens)
@@ -254,6 +254,7 @@ def render(
     )
     single = trained is not None and train == {last} and messages[last]["role"] == ASSISTANT
     out: list[Segment] = []
+    tokens = {"bos": bos or "", "eos": eos or ""}
 
     def emit(
         fmt: str, turn: int, trainable: bool = False, content: str = "", system: str = "", sys_turn: int = -1
@@ -264,7 +265,7 @@ def render(
             elif kind == "system":
                 out.append(Segment(system, False, sys_turn >= 0, sys_turn))
             else:
-                text = {"bos": bos, "eos": eos}.get(kind, text) or ""
+                text = tokens.get(kind, text)
                 if text:
                     out.append(Segment(text, trainable, False, turn))
 
@@ -295,7 +296,9 @@ def render_text(template: Template, messages, trained=None, **kwargs) -> str:
 _PLACEHOLDER = re.compile(r"\{(content|system|bos|eos)\}")
 
 
-def _pieces(fmt: str) -> list[tuple[str, str]]:
+@lru_cache(maxsize=256)
+def _pieces(fmt: str) -> tuple[tuple[str, str], ...]:
+    """`fmt` split into ("text", text) and (placeholder, "") pieces; cached: every render parses the same few."""
     out, pos = [], 0
     for m in _PLACEHOLDER.finditer(fmt):
         if m.start() > pos:
@@ -304,7 +307,7 @@ def _pieces(fmt: str) -> list[tuple[str, str]]:
         pos = m.end()
     if pos < len(fmt):
         out.append(("text", fmt[pos:]))
-    return out
+    return tuple(out)
 
 
 def _merge(segments: list[Segment]) -> list[Segment]:
