@@ -17,11 +17,10 @@ replaced by the next usable one and reported on the log with its id.
 from __future__ import annotations
 
 import contextlib
-import gc
+import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import random
 from dataclasses import dataclass, field, fields
@@ -30,6 +29,7 @@ from pathlib import Path
 from chatsft import __version__
 from chatsft.encode import Audit, Encoded, Encoder
 from chatsft.errors import ConfigError
+from chatsft.parallel import run_in_order
 from chatsft.records import Conversation, ReadPolicy, read_conversations
 from chatsft.templates import RenderError
 
@@ -142,9 +142,10 @@ def cache_key(encoder: Encoder, files: list[str], train_ratio: float, seed: int)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    backend = tokenizer.backend_tokenizer.to_str()
-    specials = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
-    return hashlib.sha256((backend + specials + str(getattr(tokenizer, "chat_template", None))).encode()).hexdigest()
+    h = hashlib.sha256(tokenizer.backend_tokenizer.__getstate__())  # its JSON, as bytes (to_str() is slower)
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    return h.hexdigest()
 
 
 def file_digest(path: str) -> str:
@@ -181,39 +182,23 @@ def _schema():
 
 
 def write_examples(conversations: list[Conversation], encoder: Encoder, path: Path, num_workers: int | None) -> Audit:
-    """Encode with `num_workers` processes and stream the examples, in input order, to an Arrow stream file.
-
-    The parent is one of the workers: it encodes every `workers`-th chunk itself and takes the others, in order,
-    from `workers - 1` forked processes (a parent that only collected results would compete with its own
-    workers for the cores). The workers build the Arrow batches themselves, and under `fork` they inherit the
-    conversations, so a task is an index range and nothing large is pickled on the way out."""
+    """Encode chunk by chunk with `num_workers` processes (this one and helpers, see `parallel.py`) and stream
+    the examples, in input order, to an Arrow stream file. Each chunk is written to a file of its own by whoever
+    encoded it (the helpers inherit the conversations under `fork`): nothing large goes through a pipe either way."""
     import pyarrow as pa
 
     ranges = [(i, min(i + CHUNK, len(conversations))) for i in range(0, len(conversations), CHUNK)]
-    workers = max(1, min(num_workers or os.cpu_count() or 1, len(ranges)))
+    workers = num_workers or os.cpu_count() or 1
     stop_ids = encoder_stop_ids(encoder)
     audit = Audit(stop_ids=stop_ids)
-    others = [r for k, r in enumerate(ranges) if k % workers]
-    pool, results = None, iter(())
-    if others:
-        fork = "fork" in multiprocessing.get_all_start_methods()
-        context = multiprocessing.get_context("fork" if fork else "spawn")
-        shared = conversations if fork else None  # inherited by fork, never pickled
-        gc.freeze()  # the children's garbage collector then never touches (and copies) the parent's objects
-        pool = context.Pool(workers - 1, initializer=_init_worker, initargs=(encoder, stop_ids, shared))
-        gc.unfreeze()
-        results = pool.imap(_encode_task, others if fork else [conversations[a:b] for a, b in others])
-    try:
-        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
-            for k, (a, b) in enumerate(ranges):
-                mine = k % workers == 0
-                batch, partial = _encode_chunk_with(encoder, stop_ids, conversations[a:b]) if mine else next(results)
-                writer.write_batch(batch)
-                merge_audit(audit, partial)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    task = functools.partial(_encode_chunk, encoder, stop_ids, conversations, ranges, path)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
+        for chunk_file, partial in run_in_order(task, len(ranges), helpers=workers - 1):
+            with pa.memory_map(chunk_file) as source:
+                for batch in pa.ipc.open_stream(source):
+                    writer.write_batch(batch)
+            os.unlink(chunk_file)
+            merge_audit(audit, partial)
     return audit
 
 
@@ -224,28 +209,14 @@ def encoder_stop_ids(encoder: Encoder) -> tuple[int, ...]:
     return stop_token_ids(encoder.tokenizer, None, extra)
 
 
-_WORKER: tuple | None = None  # (encoder, stop ids, conversations or None) in a worker process
-
-
-def _init_worker(encoder: Encoder, stop_ids: tuple[int, ...], conversations: list[Conversation] | None) -> None:
-    global _WORKER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _WORKER = (encoder, stop_ids, conversations)
-
-
-def _encode_task(task):
-    encoder, stop_ids, conversations = _WORKER
-    chunk = conversations[task[0]:task[1]] if conversations is not None else task
-    return _encode_chunk_with(encoder, stop_ids, chunk)
-
-
-def _encode_chunk_with(encoder: Encoder, stop_ids: tuple[int, ...], chunk: list[Conversation]):
-    """One chunk -> (Arrow record batch of its examples, its audit)."""
+def _encode_chunk(encoder: Encoder, stop_ids: tuple[int, ...], conversations: list[Conversation],
+                  ranges: list[tuple[int, int]], path: Path, k: int) -> tuple[str, Audit]:
+    """Encode chunk `k` into an Arrow file beside `path`; returns (that file, the chunk's audit)."""
     import pyarrow as pa
 
     audit = Audit(stop_ids=stop_ids)
     ids, input_ids, labels = [], [], []
-    for conv in chunk:
+    for conv in conversations[ranges[k][0]:ranges[k][1]]:
         result = encoder.encode(conv)
         audit.add(result)
         for ex in result.examples:
@@ -253,7 +224,10 @@ def _encode_chunk_with(encoder: Encoder, stop_ids: tuple[int, ...], chunk: list[
             input_ids.append(ex.input_ids)
             labels.append(ex.labels)
     batch = pa.record_batch([ids, input_ids, labels, list(map(len, input_ids))], schema=_schema())
-    return batch, audit
+    chunk_file = str(path.with_name(f"{path.name}.chunk{k}"))
+    with pa.OSFile(chunk_file, "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return chunk_file, audit
 
 
 def merge_audit(total: Audit, part: Audit) -> None:

@@ -206,8 +206,8 @@ def read_conversations(
                 continue
             report.accepted += 1
             report.leading_assistant_dropped += dropped
-            report.turns.append(sum(m["role"] != "system" for m in conv.messages))
-            report.characters += sum(len(m["content"]) for m in conv.messages)
+            report.turns.append(len(conv.messages) - (conv.messages[0]["role"] == "system"))
+            report.characters += sum([len(m["content"]) for m in conv.messages])
             conversations.append(conv)
         if items.error is not None:
             report.file_errors.append(items.error)
@@ -384,18 +384,20 @@ def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -
         ck = content_key if content_key in turn else ("content" if "content" in turn else "value" if "value" in turn else None)
         if ck is None:
             raise _Reject("missing_content", f"no `{content_key}` field", n)
-        role_name, content = turn[rk], _text(turn[ck])
-        if not isinstance(role_name, str) or role_name.lower() not in ROLE_ALIASES:
+        role_name, content = turn[rk], turn[ck]
+        if type(content) is not str:
+            content = _text(content)
+        role = ROLE_ALIASES.get(role_name.lower()) if isinstance(role_name, str) else None
+        if role is None:
             raise _Reject("unknown_role", f"`{rk}` is {json.dumps(role_name, ensure_ascii=False)[:60]}; known: "
                           f"{', '.join(ROLE_ALIASES)}", n)
         if content is None:
             raise _Reject("content_not_string", f"`{ck}` is a JSON {_type_name(turn[ck])}, expected a string", n)
-        role = ROLE_ALIASES[role_name.lower()]
         if role == "system":
             if n != 0 or system is not None:
                 why = "a top-level `system` is also given" if n == 0 else "a system turn is allowed only first"
                 raise _Reject("system_not_first", why, n)
-        elif not content.strip():
+        elif not content or content.isspace():
             raise _Reject("empty_content", f"the {role} turn's `{ck}` is {'empty' if not content else 'whitespace only'}", n)
         if messages and messages[-1]["role"] == role:
             raise _Reject("repeated_role", f"two {role} turns in a row (turns {n - 1} and {n})", n)

@@ -247,46 +247,60 @@ def render(
         raise RenderError("bad_roles", "a generation prompt needs the messages to end on a user turn")
     if template.chat_template is not None:
         return _render_jinja(template, messages, trained, bos, eos, add_generation_prompt)
-    train = (
-        {i for i in range(start, last + 1) if messages[i]["role"] == ASSISTANT}
-        if trained is None
-        else set(trained)
-    )
-    single = trained is not None and train == {last} and messages[last]["role"] == ASSISTANT
-    out: list[Segment] = []
-    tokens = {"bos": bos or "", "eos": eos or ""}
+    system = messages[0]["content"] if start else template.default_system
+    plan = _plan(template, len(messages), start, bool(system), None if trained is None else frozenset(trained),
+                 bos or "", eos or "", add_generation_prompt)
+    out = [Segment(messages[m]["content"] if m >= 0 else text, trainable, m >= 0, turn)
+           for m, text, trainable, turn in plan]
+    return out if all(out_text for out_text, _, _, _ in out) else _merge(out)  # an empty message drops out
 
-    def emit(
-        fmt: str, turn: int, trainable: bool = False, content: str = "", system: str = "", sys_turn: int = -1
-    ):
+
+@lru_cache(maxsize=4096)
+def _plan(template: Template, n: int, start: int, system: bool, trained: frozenset[int] | None, bos: str, eos: str,
+          add_generation_prompt: bool) -> tuple[tuple[int, str, bool, int], ...]:
+    """The segments of every conversation of this shape as (message index or -1 for template text, text,
+    trainable, turn), template text merged: rendering fills in the messages. Cached, since a data set has few
+    shapes (roles alternate, so the shape is the number of messages and whether the first is a system one)."""
+    last = n - 1
+    train = {i for i in range(start + 1, n, 2)} if trained is None else trained  # assistants: start+1, start+3..
+    single = trained is not None and train == {last} and (last - start) % 2 == 1
+    out: list[tuple[int, str, bool, int]] = []
+    tokens = {"bos": bos, "eos": eos}
+
+    def emit(fmt: str, turn: int, trainable: bool = False, message: int = -1):
         for kind, text in _pieces(fmt):
             if kind == "content":
-                out.append(Segment(content, trainable, True, turn))
+                out.append((message, "", trainable, turn))
             elif kind == "system":
-                out.append(Segment(system, False, sys_turn >= 0, sys_turn))
+                out.append((0, "", False, 0) if start else (-1, template.default_system, False, -1))
             else:
                 text = tokens.get(kind, text)
                 if text:
-                    out.append(Segment(text, trainable, False, turn))
+                    out.append((-1, text, trainable, turn))
 
-    system, sys_turn = (messages[0]["content"], 0) if start else (template.default_system, -1)
+    sys_turn = 0 if start else -1
     if template.bos:
         emit("{bos}", -1)
     emit(template.begin, -1)
     if system and not template.first_user:
-        emit(template.system, sys_turn, system=system, sys_turn=sys_turn)
-    for i in range(start, last + 1):
-        content = messages[i]["content"]
-        if messages[i]["role"] == USER:
-            fmt = template.first_user if (i == start and system and template.first_user) else template.user
-            emit(fmt, i, content=content, system=system, sys_turn=sys_turn)
+        emit(template.system, sys_turn)
+    for i in range(start, n):
+        if (i - start) % 2 == 0:  # a user message
+            emit(template.first_user if (i == start and system and template.first_user) else template.user, i,
+                 message=i)
             if i < last or add_generation_prompt:
                 emit(template.single_cue if (single and i == last - 1) or i == last else template.join, i)
         else:
-            emit(template.reply, i, i in train, content=content)
+            emit(template.reply, i, i in train, message=i)
             emit(template.end if (i == last or not template.join) else template.join, i, i in train)
             emit(template.after, i)
-    return _merge(out)
+    merged: list[tuple[int, str, bool, int]] = []
+    for step in out:  # join neighbouring template texts with the same flags (messages stay whole and separate)
+        if step[0] < 0 and merged and merged[-1][0] < 0 and merged[-1][2:] == step[2:]:
+            merged[-1] = (-1, merged[-1][1] + step[1], step[2], step[3])
+        elif step[0] >= 0 or step[1]:
+            merged.append(step)
+    return tuple(merged)
 
 
 def render_text(template: Template, messages, trained=None, **kwargs) -> str:

@@ -1,0 +1,64 @@
+"""parallel.run_in_order: results in order whoever computed them, shared work, failures reported."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+
+import pytest
+
+from chatsft.errors import ChatsftError
+from chatsft.parallel import run_in_order
+
+
+def _square_and_pid(parent: int, k: int) -> tuple[int, bool]:
+    time.sleep(0.002 * (k % 5))  # uneven durations, so results arrive out of order
+    return k * k, os.getpid() != parent
+
+
+def _fail_in_helper(parent: int, k: int) -> int:
+    if os.getpid() != parent:
+        raise ValueError(f"bad task {k}")
+    time.sleep(0.05)  # the parent is slow, so a helper takes a task
+    return k
+
+
+def _killed_in_helper(parent: int, k: int) -> int:
+    if os.getpid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.05)
+    return k
+
+
+def test_results_come_in_order_and_the_helpers_share_the_work():
+    results = list(run_in_order(functools.partial(_square_and_pid, os.getpid()), 40, helpers=2))
+    assert [r for r, _ in results] == [k * k for k in range(40)]
+    by_helper = sum(helper for _, helper in results)
+    assert 0 < by_helper < 40  # both this process and the helpers did some
+
+
+def test_no_helpers_runs_everything_here():
+    results = list(run_in_order(functools.partial(_square_and_pid, os.getpid()), 5, helpers=0))
+    assert results == [(k * k, False) for k in range(5)]
+    assert list(run_in_order(functools.partial(_square_and_pid, os.getpid()), 0, helpers=3)) == []
+
+
+def test_an_error_in_a_helper_is_raised_with_its_traceback():
+    with pytest.raises(RuntimeError, match=r"(?s)failed on task \d+:.*ValueError: bad task"):
+        list(run_in_order(functools.partial(_fail_in_helper, os.getpid()), 10, helpers=1))
+
+
+def test_a_killed_helper_is_a_one_line_error_not_a_hang():
+    with pytest.raises(ChatsftError, match=r"died \(exit code -9; -9 is usually the kernel"):
+        list(run_in_order(functools.partial(_killed_in_helper, os.getpid()), 10, helpers=1))
+
+
+def test_stopping_early_stops_the_helpers():
+    import multiprocessing
+
+    gen = run_in_order(functools.partial(_square_and_pid, os.getpid()), 1000, helpers=2)
+    assert next(gen)[0] == 0
+    gen.close()
+    assert multiprocessing.active_children() == []
