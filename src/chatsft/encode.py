@@ -34,9 +34,10 @@ from typing import NamedTuple
 
 from chatsft.errors import ConfigError
 from chatsft.records import Conversation
-from chatsft.templates import ASSISTANT, USER, RenderError, Segment, Template, check_messages, render
+from chatsft.templates import ASSISTANT, USER, RenderError, Segment, Template, render
 
 IGNORE_INDEX = -100
+_START, _END = operator.itemgetter(0), operator.itemgetter(1)
 LOSS_MODES = ("assistant_turns", "last_response", "split_turns", "all_tokens")
 _FLAG_MODES = {
     "efficient_loss": "assistant_turns",
@@ -170,8 +171,7 @@ class Encoder:
 
     def views(self, conv: Conversation) -> list[tuple[str, list[dict], set[int] | None]]:
         """(example id, messages, trained assistant indices) per example the loss mode makes of a record."""
-        messages = list(conv.messages)
-        check_messages(messages)
+        messages = conv.messages  # render checks the roles
         if messages[-1]["role"] == USER:
             messages = messages[:-1]  # a trailing user turn has no reply to train
         replies = [i for i, m in enumerate(messages) if m["role"] == ASSISTANT]
@@ -336,7 +336,7 @@ def _label_by_segment(segments, starts, ids, spans, train_all):
     """`_label_by_token`'s result computed per segment boundary (a few bisections per segment instead of
     Python work per token). Needs spans whose starts and ends never decrease and no empty span (what
     tokenizers give for ordinary text); returns None otherwise, and the caller takes the token path."""
-    tok_starts, tok_ends = map(list, zip(*spans))
+    tok_starts, tok_ends = list(map(_START, spans)), list(map(_END, spans))
     if (
         any(map(operator.eq, tok_starts, tok_ends))
         or tok_starts != sorted(tok_starts)
@@ -361,11 +361,12 @@ def _label_by_segment(segments, starts, ids, spans, train_all):
     labels += ids[k0:] if flag else [IGNORE_INDEX] * (len(ids) - k0)
     if straddle is not None:
         return labels[:straddle], {}, straddle
-    last = {}
-    for i, seg in enumerate(segments):
-        if seg.trainable:  # its last token: the last one ending inside it (none straddles, so it is trained)
+    last = {}  # a turn's last token: the last one ending inside its last segment that has one (none straddles)
+    for i in range(len(segments) - 1, -1, -1):
+        seg = segments[i]
+        if seg.trainable and seg.turn not in last:
             k = bisect.bisect_right(tok_ends, starts[i] + len(seg.text)) - 1
-            if k >= 0 and tok_ends[k] > starts[i] and k > last.get(seg.turn, -1):
+            if k >= 0 and tok_ends[k] > starts[i]:
                 last[seg.turn] = k
     return labels, last, None
 

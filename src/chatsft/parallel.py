@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait
@@ -80,7 +81,10 @@ def run_in_order(task: Callable[[int], T], n: int, helpers: int) -> Iterator[T]:
         finished = True
     finally:
         for proc in procs:
-            if not finished and proc.is_alive():
+            if finished:  # all results are in; a helper's exit (unmapping its copy of a large parent) takes
+                threading.Thread(target=proc.join, daemon=True).start()  # milliseconds: reap it meanwhile
+                continue
+            if proc.is_alive():
                 proc.terminate()  # stopped early: the helpers' work is not wanted
             proc.join()
         for conn in conns:

@@ -12,6 +12,7 @@ import here.
 from __future__ import annotations
 
 import json
+import operator
 import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -252,7 +253,7 @@ def render(
                  bos or "", eos or "", add_generation_prompt)
     out = [Segment(messages[m]["content"] if m >= 0 else text, trainable, m >= 0, turn)
            for m, text, trainable, turn in plan]
-    return out if all(out_text for out_text, _, _, _ in out) else _merge(out)  # an empty message drops out
+    return out if all(map(_TEXT, out)) else _merge(out)  # an empty message drops out
 
 
 @lru_cache(maxsize=4096)
@@ -307,6 +308,7 @@ def render_text(template: Template, messages, trained=None, **kwargs) -> str:
     return "".join(s.text for s in render(template, messages, trained, **kwargs))
 
 
+_TEXT = operator.itemgetter(0)  # a Segment's text
 _PLACEHOLDER = re.compile(r"\{(content|system|bos|eos)\}")
 
 
