@@ -9,13 +9,16 @@ import copy
 import dataclasses
 import json
 import logging
+import os
+import signal
+import time
 
 import pytest
 
 from chatsft import data
 from chatsft.data import LazyDataset, build_datasets, split_conversations
 from chatsft.encode import IGNORE_INDEX, LOSS_MODES, Encoder, _label_by_segment, _label_by_token
-from chatsft.errors import ConfigError, DataError
+from chatsft.errors import ChatsftError, ConfigError, DataError
 from chatsft.records import Conversation, ReadPolicy, read_conversations
 from chatsft.templates import BUILTINS, VICUNA, Segment, render
 
@@ -256,6 +259,25 @@ def test_two_workers_give_the_single_worker_examples_and_audit_in_input_order(
             assert audit.first_rejected["token_straddles_boundary"] == next(
                 c.id for c in read_conversations([path])[0] if encoder.encode(c).rejected
             )
+
+
+def test_a_killed_worker_is_a_one_line_error_and_leaves_no_cache_folder(
+    bpe_tokenizer, write_file, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(data, "CHUNK", 2)
+    parent, encode_chunk = os.getpid(), data._encode_chunk
+
+    def killed_in_helper(*args):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        time.sleep(0.02)
+        return encode_chunk(*args)
+
+    monkeypatch.setattr(data, "_encode_chunk", killed_in_helper)
+    path = write_file("train.json", records(12))
+    with pytest.raises(ChatsftError, match=r"^a preprocessing process died \(exit code -9"):
+        build(Encoder(VICUNA, bpe_tokenizer), [path], tmp_path, num_workers=2)
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 # ---- (f) rejected records ----

@@ -62,3 +62,10 @@ def test_stopping_early_stops_the_helpers():
     assert next(gen)[0] == 0
     gen.close()
     assert multiprocessing.active_children() == []
+
+
+def test_spawn_where_fork_is_missing(monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    assert list(run_in_order(functools.partial(pow, 2), 12, helpers=1)) == [2**k for k in range(12)]

@@ -165,7 +165,11 @@ def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: P
         return datasets.Dataset.from_file(str(arrow)), audit_from_dict(json.loads(audit_file.read_text())), True
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    audit = write_examples(conversations, encoder, tmp / "examples.arrow", num_workers)
+    try:
+        audit = write_examples(conversations, encoder, tmp / "examples.arrow", num_workers)
+    except BaseException:
+        _rmtree(tmp)  # an error or Ctrl-C mid-encoding: no half-written folder left behind
+        raise
     (tmp / "audit.json").write_text(json.dumps(audit.to_dict()))
     try:
         os.replace(tmp, folder)  # atomic: a crash mid-encoding leaves only a tmp folder, never a half cache
