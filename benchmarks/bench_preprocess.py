@@ -35,10 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_DATA, MAX_LENGTH, make_data, mistral_tokenizer_dir  # benchmarks/common.py
-
-SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-
+from common import (  # benchmarks/common.py
+    DEFAULT_DATA,
+    MAX_LENGTH,
+    SPECIALS,
+    make_data,
+    mistral_tokenizer_dir,
+)
 
 # ---- FastChat, reproduced (fastchat/conversation.py vicuna_v1.1 and fastchat/train/train.py preprocess) ----
 
@@ -189,44 +192,19 @@ def main() -> None:
                 "mismatches"
             ]
 
+        def prepare_args(output: Path) -> list[str]:
+            return ["prepare", "--data_path", str(data), "--model_name_or_path", str(tok_dir), "--conv_template",
+                    "vicuna_v1.1", "--model_max_length", str(MAX_LENGTH), "--output", str(output)]
+
         def prepare(round_: int):
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-                code = cli_main(
-                    [
-                        "prepare",
-                        "--data_path",
-                        str(data),
-                        "--model_name_or_path",
-                        str(tok_dir),
-                        "--conv_template",
-                        "vicuna_v1.1",
-                        "--model_max_length",
-                        str(MAX_LENGTH),
-                        "--output",
-                        str(tmp / "prepared.jsonl"),
-                    ]
-                )
+                code = cli_main(prepare_args(tmp / "prepared.jsonl"))
             assert code == 0
 
         def prepare_subprocess(round_: int):
             env = {**os.environ, "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true")}
             subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "chatsft.cli",
-                    "prepare",
-                    "--data_path",
-                    str(data),
-                    "--model_name_or_path",
-                    str(tok_dir),
-                    "--conv_template",
-                    "vicuna_v1.1",
-                    "--model_max_length",
-                    str(MAX_LENGTH),
-                    "--output",
-                    str(tmp / "prepared2.jsonl"),
-                ],
+                [sys.executable, "-m", "chatsft.cli", *prepare_args(tmp / "prepared2.jsonl")],
                 check=True,
                 stdout=subprocess.DEVNULL,
                 env=env,

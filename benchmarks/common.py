@@ -41,11 +41,3 @@ def make_data(source: Path, n: int, dest: Path) -> Path:
     dest.write_text(json.dumps(out, ensure_ascii=False), encoding="utf-8")
     return dest
 
-
-# ---- FastChat, reproduced (fastchat/conversation.py vicuna_v1.1 and fastchat/train/train.py preprocess) ----
-
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-IGNORE_TOKEN_ID = -100
