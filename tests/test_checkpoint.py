@@ -148,6 +148,10 @@ def test_a_damaged_checkpoint_is_skipped_with_a_notice(run_copy, damage):
     assert path == run_copy / "checkpoint-8"
     assert len(notices) == 1 and "checkpoint-10" in notices[0] and reason in notices[0]
     assert ck.choose_resume(run_copy) == (str(run_copy / "checkpoint-8"), notices)
+    if damage == "marker missing":  # asked for by name, a whole checkpoint without a marker is adopted
+        path, notices = ck.choose_resume(run_copy, str(run_copy / "checkpoint-10"))
+        assert path == str(run_copy / "checkpoint-10") and "chatsft did not mark complete" in notices[0]
+        return
     with pytest.raises(ConfigError, match=reason.replace(".", r"\.")):
         ck.choose_resume(run_copy, str(run_copy / "checkpoint-10"))
 
@@ -163,12 +167,59 @@ def test_explicit_and_overwrite_choices(run_copy):
     assert ck.choose_resume(run_copy, str(run_copy / "checkpoint-4")) == (str(run_copy / "checkpoint-4"), [])
     assert ck.choose_resume(run_copy, overwrite_output_dir=True) == (None, [])
     assert ck.choose_resume(run_copy, resume_from_checkpoint=False) == (None, [])
-    for name in ("checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8", "checkpoint-10"):
-        (run_copy / name / ck.MARKER_NAME).unlink()
-    path, notices = ck.choose_resume(run_copy)
-    assert path is None and len(notices) == 6 and "from the beginning" in notices[-1]
     with pytest.raises(ConfigError, match="not a folder"):
         ck.validate_checkpoint(run_copy / "checkpoint-99")
+
+
+def test_unmarked_whole_checkpoints_stop_a_fresh_start_and_can_be_adopted(run_copy):
+    """A FastChat (or any HF Trainer) run continued with chatsft: its checkpoints have no marker."""
+    for name in ("checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8", "checkpoint-10"):
+        (run_copy / name / ck.MARKER_NAME).unlink()
+    with pytest.raises(ConfigError) as err:
+        ck.choose_resume(run_copy)
+    assert str(err.value) == (
+        f"{run_copy} holds checkpoint-10, which chatsft did not mark complete (FastChat or another HF Trainer tool "
+        "wrote it, or a chatsft save was cut off at its very end), and its files look whole. To continue from it: "
+        f"--resume_from_checkpoint {run_copy / 'checkpoint-10'}. To start over (new checkpoints will replace it): "
+        "--overwrite_output_dir."
+    )
+    assert ck.choose_resume(run_copy, overwrite_output_dir=True) == (None, [])
+    resume, notices = ck.choose_resume(run_copy, str(run_copy / "checkpoint-10"))
+    assert resume == str(run_copy / "checkpoint-10") and len(notices) == 1
+    # cut off ones are not whole: skipped, and with none whole left training starts from the beginning
+    _truncate(run_copy / "checkpoint-10" / "optimizer.pt")
+    assert ck.unmarked_checkpoint_problem(run_copy / "checkpoint-10") == (
+        "optimizer.pt is not a whole torch file (cut off?)"
+    )
+    with pytest.raises(ConfigError, match="it has no chatsft-complete.json and optimizer.pt is not a whole torch"):
+        ck.choose_resume(run_copy, str(run_copy / "checkpoint-10"))
+    with pytest.raises(ConfigError, match="holds checkpoint-8,"):
+        ck.choose_resume(run_copy)
+    for name in ("checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"):
+        (run_copy / name / "trainer_state.json").unlink()
+    assert ck.unmarked_checkpoint_problem(run_copy / "checkpoint-8") == "trainer_state.json is missing"
+    path, notices = ck.choose_resume(run_copy)
+    assert path is None and len(notices) == 6 and "from the beginning" in notices[-1]
+
+
+def test_training_resumes_from_an_adopted_checkpoint_and_marks_the_next_ones(run_copy):
+    for name in ("checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8", "checkpoint-10"):
+        (run_copy / name / ck.MARKER_NAME).unlink()
+    shutil.rmtree(run_copy / "checkpoint-10")
+    from transformers import TrainerCallback
+
+    steps = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps.append(state.global_step)
+
+    resume, _ = ck.choose_resume(run_copy, str(run_copy / "checkpoint-6"))
+    trainer = _trainer(_tokenizer(), run_copy, callbacks=[Steps()])
+    trainer.train(resume_from_checkpoint=resume)
+    assert steps == [7, 8, 9, 10]  # it went on from step 6
+    assert ck.find_resume_checkpoint(run_copy)[0] == run_copy / "checkpoint-10"
+    assert ck.checkpoint_problem(run_copy / "checkpoint-8") is None  # re-saved by chatsft, so marked
 
 
 def test_resume_from_the_chosen_checkpoint_reaches_the_final_step_and_rotates(run_copy):

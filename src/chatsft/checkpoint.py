@@ -1,4 +1,4 @@
-"""Which checkpoint to resume from: checkpoints are complete (marked) or ignored.
+"""Which checkpoint to resume from: checkpoints are complete (marked), adopted by name, or ignored.
 
 The HF Trainer writes `checkpoint-N` in place (no staging folder, no rename): model, then optimizer/scheduler/
 scaler, then each rank's RNG state, then `trainer_state.json`, then it rotates old checkpoints, then it calls the
@@ -6,7 +6,9 @@ callbacks' `on_save`. A run killed on the way leaves a folder that looks like a 
 FastChat resumes from it. `CheckpointMarker` writes `chatsft-complete.json` at `on_save`, after all of that and
 after every rank has finished; a checkpoint counts as complete only with that marker, a matching
 `trainer_state.json` step, every listed file present at its recorded size and head hash, and whole safetensors
-files. The final save lives in `chatsft.final`.
+files. A checkpoint another tool wrote (FastChat's) has no marker: one whose files look whole is resumed from when
+named with --resume_from_checkpoint, and stops an automatic fresh start that would otherwise overwrite it. The
+final save lives in `chatsft.final`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import re
 import shutil
 import struct
+import zipfile
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -178,20 +181,23 @@ def checkpoint_problem(checkpoint_dir: str | os.PathLike) -> str | None:
     return _weights_problem(folder)
 
 
+def _checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """The `checkpoint-N` folders of `output_dir`, newest (highest N) first."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(
+        ((step, p) for p in output_dir.iterdir() if p.is_dir() and (step := checkpoint_step(p)) is not None),
+        reverse=True,
+    )
+
+
 def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:
     """The newest complete `checkpoint-N` in `output_dir` (numeric order), and a notice per newer one skipped.
 
     Returns (None, notices) when there is none; starting fresh is then the caller's decision.
     """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None, []
-    candidates = sorted(
-        ((step, p) for p in folder.iterdir() if p.is_dir() and (step := checkpoint_step(p)) is not None),
-        reverse=True,
-    )
     notices = []
-    for _, path in candidates:
+    for _, path in _checkpoints(Path(output_dir)):
         problem = checkpoint_problem(path)
         if problem is None:
             return path, notices
@@ -199,15 +205,41 @@ def find_resume_checkpoint(output_dir: str | os.PathLike) -> tuple[Path | None, 
     return None, notices
 
 
-def validate_checkpoint(path: str | os.PathLike) -> Path:
-    """`path` if it is a complete checkpoint, else a ConfigError saying why (for an explicit --resume_from_checkpoint)."""
+def unmarked_checkpoint_problem(checkpoint_dir: str | os.PathLike) -> str | None:
+    """For a checkpoint with no marker (FastChat's, or any HF Trainer's): None when its files look whole, else
+    why not. Whole: `trainer_state.json` at the folder's step (the Trainer writes it after the weights,
+    optimizer and RNG state), loadable weights, and every torch file (`.pt`, `.pth`, `.bin`) a whole zip
+    archive (`torch.save`'s format; a cut-off one has no central directory at its end)."""
+    folder = Path(checkpoint_dir)
+    try:
+        state_step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
+    except FileNotFoundError:
+        return "trainer_state.json is missing"
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json is unreadable"
+    if (name_step := checkpoint_step(folder)) is not None and name_step != state_step:
+        return f"trainer_state.json is at step {state_step}, its name says step {name_step}"
+    for path in sorted(folder.rglob("*")):
+        if path.suffix in (".pt", ".pth", ".bin") and path.is_file() and not zipfile.is_zipfile(path):
+            return f"{path.relative_to(folder).as_posix()} is not a whole torch file (cut off?)"
+    return _weights_problem(folder)
+
+
+def validate_checkpoint(path: str | os.PathLike) -> tuple[Path, list[str]]:
+    """`path` if it is a complete checkpoint (or, with a notice, an unmarked one whose files look whole: asking for
+    it by name adopts it), else a ConfigError saying why (for an explicit --resume_from_checkpoint)."""
     problem = checkpoint_problem(path)
+    if problem is not None and not (Path(path) / MARKER_NAME).exists() and Path(path).is_dir():
+        if (unmarked := unmarked_checkpoint_problem(path)) is None:
+            return Path(path), [f"resuming from {path}, which chatsft did not mark complete (another tool wrote it, "
+                                "or a save was cut off at its very end): its files look whole"]
+        problem = f"it has no {MARKER_NAME} and {unmarked}"
     if problem is not None:
         raise ConfigError(
             f"cannot resume from {path}: {problem}. Choose a complete checkpoint, or leave --resume_from_checkpoint "
             "out to resume from the newest complete one."
         )
-    return Path(path)
+    return Path(path), []
 
 
 def choose_resume(
@@ -219,16 +251,28 @@ def choose_resume(
 
     An explicit path is validated (ConfigError if incomplete). Otherwise, like FastChat, the newest complete
     checkpoint in `output_dir` is resumed from, unless `overwrite_output_dir` asks for a fresh start or
-    `resume_from_checkpoint` is False.
+    `resume_from_checkpoint` is False. When no checkpoint is complete but an unmarked one looks whole (a FastChat
+    run's, continued with chatsft), this stops with a ConfigError rather than start over: a fresh start would
+    rotate that progress away, or save over it.
     """
     auto = ("", "true", "last", "latest")
     if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() not in auto:
-        return str(validate_checkpoint(resume_from_checkpoint)), []
+        path, notices = validate_checkpoint(resume_from_checkpoint)
+        return str(path), notices
     if overwrite_output_dir or resume_from_checkpoint is False:
         return None, []
     path, notices = find_resume_checkpoint(output_dir)
-    if path is None and notices:
-        notices.append("no complete checkpoint found: training starts from the beginning")
+    if path is None:
+        for _, candidate in _checkpoints(Path(output_dir)):
+            if not (candidate / MARKER_NAME).exists() and unmarked_checkpoint_problem(candidate) is None:
+                raise ConfigError(
+                    f"{output_dir} holds {candidate.name}, which chatsft did not mark complete (FastChat or another "
+                    "HF Trainer tool wrote it, or a chatsft save was cut off at its very end), and its files look "
+                    f"whole. To continue from it: --resume_from_checkpoint {candidate}. To start over (new "
+                    "checkpoints will replace it): --overwrite_output_dir."
+                )
+        if notices:
+            notices.append("no complete checkpoint found: training starts from the beginning")
     return (str(path) if path else None), notices
 
 

@@ -224,6 +224,16 @@ def cli(argv: list[str] | None = None) -> int:
     except ChatsftError as err:
         print(f"chatsft train: error: {err}", file=sys.stderr)
         return err.exit_code
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before exiting: left to interpreter shutdown, gloo's threads can abort a rank
+    that has finished cleanly (SIGABRT, "terminate called without an active exception")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
