@@ -11,14 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from chatsft.audit import Audit, stop_token_ids
 from chatsft.encode import (
     IGNORE_INDEX,
     LOSS_MODES,
-    Audit,
     Encoder,
     decode_exact,
     loss_mode_from_flags,
-    stop_token_ids,
 )
 from chatsft.errors import ConfigError
 from chatsft.records import Conversation

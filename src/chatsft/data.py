@@ -23,11 +23,12 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatsft import __version__
-from chatsft.encode import Audit, Encoded, Encoder
+from chatsft.audit import Audit, stop_token_ids
+from chatsft.encode import Encoded, Encoder
 from chatsft.errors import ConfigError
 from chatsft.parallel import run_in_order
 from chatsft.records import Conversation, ReadPolicy, read_conversations
@@ -162,7 +163,7 @@ def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: P
 
     arrow, audit_file = folder / "examples.arrow", folder / "audit.json"
     if arrow.is_file() and audit_file.is_file():
-        return datasets.Dataset.from_file(str(arrow)), audit_from_dict(json.loads(audit_file.read_text())), True
+        return datasets.Dataset.from_file(str(arrow)), Audit.from_dict(json.loads(audit_file.read_text())), True
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
@@ -202,13 +203,11 @@ def write_examples(conversations: list[Conversation], encoder: Encoder, path: Pa
                 for batch in pa.ipc.open_stream(source):
                     writer.write_batch(batch)
             os.unlink(chunk_file)
-            merge_audit(audit, partial)
+            audit.merge(partial)
     return audit
 
 
 def encoder_stop_ids(encoder: Encoder) -> tuple[int, ...]:
-    from chatsft.encode import stop_token_ids
-
     extra = [encoder.tokenizer.convert_tokens_to_ids(t) for t in encoder.stops if t in encoder.tokenizer.get_added_vocab()]
     return stop_token_ids(encoder.tokenizer, None, extra)
 
@@ -232,28 +231,6 @@ def _encode_chunk(encoder: Encoder, stop_ids: tuple[int, ...], conversations: li
     with pa.OSFile(chunk_file, "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
         writer.write_batch(batch)
     return chunk_file, audit
-
-
-def merge_audit(total: Audit, part: Audit) -> None:
-    for f in fields(Audit):
-        if f.name == "stop_ids":
-            continue
-        mine, theirs = getattr(total, f.name), getattr(part, f.name)
-        if isinstance(mine, dict):
-            for key, value in theirs.items():
-                if f.name == "first_rejected":
-                    mine.setdefault(key, value)
-                else:
-                    mine[key] = mine.get(key, 0) + value
-        else:
-            setattr(total, f.name, mine + theirs)
-
-
-def audit_from_dict(data: dict) -> Audit:
-    names = {f.name for f in fields(Audit)}
-    audit = Audit(**{k: v for k, v in data.items() if k in names})
-    audit.stop_ids = tuple(audit.stop_ids)
-    return audit
 
 
 class LazyDataset:

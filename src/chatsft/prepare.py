@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from chatsft.encode import LOSS_MODES, Audit, Encoder, loss_mode_from_flags, stop_token_ids
+from chatsft.audit import Audit, stop_token_ids
+from chatsft.encode import LOSS_MODES, Encoder, loss_mode_from_flags
 from chatsft.templates import TEMPLATE_CHOICES, get_template
 
 
