@@ -68,4 +68,11 @@ def test_spawn_where_fork_is_missing(monkeypatch):
     import multiprocessing
 
     monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
-    assert list(run_in_order(functools.partial(pow, 2), 12, helpers=1)) == [2**k for k in range(12)]
+    results = list(run_in_order(functools.partial(_slow_square_and_pid, os.getpid()), 80, helpers=1))
+    assert [r for r, _ in results] == [k * k for k in range(80)]
+    assert any(helper for _, helper in results)  # the spawned helper (imports first) took a share
+
+
+def _slow_square_and_pid(parent: int, k: int) -> tuple[int, bool]:
+    time.sleep(0.05)
+    return k * k, os.getpid() != parent
