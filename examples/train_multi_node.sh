@@ -21,6 +21,8 @@ GLOBAL_BATCH="${GLOBAL_BATCH:-128}"
 MAX_LEN="${MAX_LEN:-2048}"
 EPOCHS="${EPOCHS:-3}"
 LR="${LR:-2e-5}"
+SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-900}"  # seconds torchrun waits after SIGTERM before SIGKILL (its
+                                           # default 30 is too short to checkpoint a 7B model)
 DRY_RUN="${DRY_RUN:-0}"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -45,7 +47,7 @@ else
 fi
 
 CMD=(
-    torchrun "${LAUNCH[@]}" --nproc_per_node="$GPUS_PER_NODE"
+    torchrun "${LAUNCH[@]}" --nproc_per_node="$GPUS_PER_NODE" --shutdown-timeout="$SHUTDOWN_TIMEOUT"
     -m chatsft.train
     --model_name_or_path "$MODEL"
     --data_path "$DATA"

@@ -13,6 +13,8 @@ GLOBAL_BATCH="${GLOBAL_BATCH:-128}"   # sequences per optimizer step, over all G
 MAX_LEN="${MAX_LEN:-2048}"
 EPOCHS="${EPOCHS:-3}"
 LR="${LR:-2e-5}"
+SHUTDOWN_TIMEOUT="${SHUTDOWN_TIMEOUT:-900}"  # seconds torchrun waits after SIGTERM before SIGKILL (its
+                                           # default 30 is too short to checkpoint a 7B model)
 DRY_RUN="${DRY_RUN:-0}"               # 1: print the command instead of running it
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,7 +32,7 @@ case "$STRATEGY" in
 esac
 
 CMD=(
-    torchrun --standalone --nnodes=1 --nproc_per_node="$GPUS"
+    torchrun --standalone --nnodes=1 --nproc_per_node="$GPUS" --shutdown-timeout="$SHUTDOWN_TIMEOUT"
     -m chatsft.train
     --model_name_or_path "$MODEL"
     --data_path "$DATA"

@@ -239,7 +239,7 @@ def _train_flags(cmd: list[str]) -> list[str]:
         (
             "train_single_node.sh",
             {"GPUS": "4"},
-            ["torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=4"],
+            ["torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=4", "--shutdown-timeout=900"],
             16,
         ),
         (
@@ -252,6 +252,7 @@ def _train_flags(cmd: list[str]) -> list[str]:
                 "--rdzv_endpoint=10.0.0.1:29500",
                 "--rdzv_id=r1",
                 "--nproc_per_node=8",
+                "--shutdown-timeout=900",
             ],
             4,
         ),
@@ -265,6 +266,7 @@ def _train_flags(cmd: list[str]) -> list[str]:
                 "--master_addr=node0",
                 "--master_port=29500",
                 "--nproc_per_node=4",
+                "--shutdown-timeout=900",
             ],
             4,
         ),
@@ -284,6 +286,7 @@ def _train_flags(cmd: list[str]) -> list[str]:
                 "torchrun",
                 "--nnodes=2",
                 "--nproc_per_node=8",
+                "--shutdown-timeout=900",
                 "--rdzv_backend=c10d",
                 "--rdzv_endpoint=gpu001:29500",
                 "--rdzv_id=777",
@@ -295,6 +298,10 @@ def _train_flags(cmd: list[str]) -> list[str]:
 def test_script_command_parses(gpu_like, name, env, launcher, accum):
     cmd = _dry_run(name, **env)
     assert cmd[: len(launcher)] == launcher and cmd[len(launcher)] == "-m"
+    from torch.distributed.run import get_args_parser
+
+    torchrun = get_args_parser().parse_args(cmd[cmd.index("torchrun") + 1 :])  # torchrun's own parser takes them
+    assert torchrun.module and torchrun.training_script == "chatsft.train" and torchrun.shutdown_timeout == 900
     model, data, train, notices = parse_args(_train_flags(cmd))
     assert notices == []  # today's flag names only
     assert model.model_name_or_path == "/models/llama-7b" and data.data_path == ["/data/d.json"]

@@ -189,6 +189,38 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes(setup, two_proce
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_sigterm_to_torchrun_reaches_every_rank_and_they_save(setup, two_processes):
+    """What a scheduler does: SIGTERM to the launcher. torchrun passes it to every worker and waits its
+    --shutdown-timeout (30 s by default: the example scripts raise it) before SIGKILL; the ranks finish the step,
+    save it and exit 143, and the relaunch ends like the uninterrupted run."""
+    two, _, _ = two_processes
+    out = setup.root / "sigterm-launcher"
+    argv = flags(setup, out, setup.root / "cache-two", ACCUMULATION)
+    with Launch(command(argv, nproc=2), setup.root / "launcher1.log") as launch:
+        launch.wait_for(lambda: "'loss'" in launch.output(), "the first logged step")
+        launch.proc.send_signal(signal.SIGTERM)
+        rc = launch.wait()
+        output = launch.output()
+    assert rc != 0, output[-3000:]
+    stopped = [line for line in output.splitlines() if "stopped by SIGTERM after step" in line]
+    assert len(stopped) == 1, output[-3000:]
+    step = int(stopped[0].split("after step ")[1].split(":")[0])
+    received = [line for line in output.splitlines() if line.startswith("pre-emption: SIGTERM received here")]
+    assert len(received) == 2, output[-3000:]  # both ranks got it from torchrun
+    saved = out / f"checkpoint-{step}"
+    assert checkpoint_problem(saved) is None
+    assert sorted(p.name for p in saved.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+
+    rc, output = run(command(argv, nproc=2), setup.root / "launcher2.log")
+    assert rc == 0, output[-3000:]
+    assert f"resuming from {saved}" in output
+    assert logged(out) == logged(two)
+    w, ref = weights(out), weights(two)
+    assert [k for k in ref if not torch.equal(w[k], ref[k])] == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 1, reason="FSDP through the HF Trainer needs a CUDA device; "
                                                           "none is visible")
