@@ -76,3 +76,45 @@ def test_spawn_where_fork_is_missing(monkeypatch):
 def _slow_square_and_pid(parent: int, k: int) -> tuple[int, bool]:
     time.sleep(0.05)
     return k * k, os.getpid() != parent
+
+
+ORPHAN_SCRIPT = """
+import functools, multiprocessing, os, sys, time
+from chatsft.parallel import run_in_order
+
+def slow(k):
+    time.sleep(0.05)
+    return k
+
+if __name__ == "__main__":
+    results = run_in_order(slow, 10_000, helpers=2)
+    next(results)
+    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+    time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" in f.read()  # a zombie has exited; only its parent (now init) has to reap it
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_helpers_stop_when_their_parent_is_killed(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    helpers = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(helpers) == 2
+    parent.kill()  # SIGKILL: no finally, no cleanup in the parent
+    parent.wait()
+    deadline = time.time() + 10
+    while not all(map(_gone, helpers)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert all(map(_gone, helpers))  # within a task (50 ms here), not after the remaining 10,000

@@ -43,7 +43,7 @@ def run_in_order(task: Callable[[int], T], n: int, helpers: int) -> Iterator[T]:
     try:
         for _ in range(min(helpers, n - 1)):
             receive, send = context.Pipe(duplex=False)
-            proc = context.Process(target=_helper, args=(task, counter, n, send), daemon=True)
+            proc = context.Process(target=_helper, args=(task, counter, n, send, receive, os.getpid()), daemon=True)
             proc.start()
             send.close()
             procs.append(proc)
@@ -100,16 +100,22 @@ def _take(counter, n: int) -> int | None:
     return k
 
 
-def _helper(task: Callable[[int], object], counter, n: int, conn) -> None:
+def _helper(task: Callable[[int], object], counter, n: int, conn, parents_end, parent: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already: no thread pool inside
+    parents_end.close()  # inherited with fork: held open here, it would let a dead parent's pipe fill and block us
     try:
-        while (k := _take(counter, n)) is not None:
+        # a parent killed outright (SIGKILL, SIGTERM's default action) leaves us orphaned: stop at the next task
+        while os.getppid() == parent and (k := _take(counter, n)) is not None:
             try:
-                result = task(k)
+                message = ("ok", k, task(k))
             except BaseException:
-                conn.send(("error", k, traceback.format_exc()))
+                message = ("error", k, traceback.format_exc())
+            try:
+                conn.send(message)
+            except ConnectionError:  # the parent is gone
                 return
-            conn.send(("ok", k, result))
+            if message[0] == "error":
+                return
     finally:
         conn.close()
 
