@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 
@@ -278,6 +279,28 @@ def test_a_killed_worker_is_a_one_line_error_and_leaves_no_cache_folder(
     with pytest.raises(ChatsftError, match=r"^a preprocessing process died \(exit code -9"):
         build(Encoder(VICUNA, bpe_tokenizer), [path], tmp_path, num_workers=2)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_killed_runs_half_written_folder_is_removed_by_the_next_run(bpe_tokenizer, write_file, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    path = write_file("train.json", records(6))
+    encoder = Encoder(VICUNA, bpe_tokenizer)
+    first = build(encoder, [path], tmp_path)
+    entry = first.cache_paths[0]
+    shutil.rmtree(entry)  # as if never finished: the next run encodes again
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = entry.with_name(f"{entry.name}.tmp-{host}-{int(dead.stdout)}")  # its process has exited
+    live = entry.with_name(f"{entry.name}.tmp-{host}-{os.getppid()}")  # a process still running
+    other_host = entry.with_name(f"{entry.name}.tmp-elsewhere.example-{int(dead.stdout)}")
+    for folder in (stale, live, other_host):
+        folder.mkdir()
+        (folder / "examples.arrow").write_bytes(b"half")
+    assert build(encoder, [path], tmp_path).cache_hit is False
+    assert sorted(p.name for p in entry.parent.iterdir()) == sorted([entry.name, live.name, other_host.name])
 
 
 # ---- (f) rejected records ----

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import json
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,7 +166,8 @@ def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: P
     arrow, audit_file = folder / "examples.arrow", folder / "audit.json"
     if arrow.is_file() and audit_file.is_file():
         return datasets.Dataset.from_file(str(arrow)), Audit.from_dict(json.loads(audit_file.read_text())), True
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    _remove_stale_tmp(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         audit = write_examples(conversations, encoder, tmp / "examples.arrow", num_workers)
@@ -262,6 +265,25 @@ class LazyDataset:
             why = f"rejected: {result.rejected}: {result.detail}" if result.rejected else "nothing left to train after truncation"
             logger.warning("lazy preprocessing skips example %s (%s); using the next one", example_id, why)
         raise ConfigError("lazy preprocessing found no usable example")
+
+
+def _remove_stale_tmp(folder: Path) -> None:
+    """Remove the half-written folders of this cache entry left by processes of this host that were killed
+    mid-encoding (SIGKILL, the out-of-memory killer). Another host's, or a live process's, are left alone."""
+    for tmp in folder.parent.glob(f"{glob.escape(folder.name)}.tmp-{glob.escape(socket.gethostname())}-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            _rmtree(tmp)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _rmtree(path: Path) -> None:
