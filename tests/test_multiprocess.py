@@ -174,16 +174,21 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes(setup, two_proce
     agreed = sorted(line for line in output.splitlines() if "pre-emption: SIGTERM received" in line)
     assert agreed == [f"pre-emption: SIGTERM received by another process, saving checkpoint-{step} and stopping",
                       f"pre-emption: SIGTERM received here, saving checkpoint-{step} and stopping"], agreed
+    assert_saved_and_resumes_like(two, out, step, argv, setup.root / "sigterm2.log")
+
+
+def assert_saved_and_resumes_like(reference, out, step, argv, log):
+    """checkpoint-`step` is complete with both ranks' RNG states and no final model; relaunching `argv` resumes
+    from it and ends bit-identical to the uninterrupted `reference` run."""
     saved = out / f"checkpoint-{step}"
     assert checkpoint_problem(saved) is None
     assert sorted(p.name for p in saved.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
     assert not (out / FINAL_MARKER_NAME).exists()
-
-    rc, output = run(command(argv, nproc=2), setup.root / "sigterm2.log")
+    rc, output = run(command(argv, nproc=2), log)
     assert rc == 0, output[-3000:]
     assert f"resuming from {saved}" in output
-    assert logged(out) == logged(two)
-    w, ref = weights(out), weights(two)
+    assert logged(out) == logged(reference)
+    w, ref = weights(out), weights(reference)
     assert [k for k in ref if not torch.equal(w[k], ref[k])] == []
 
 
@@ -207,16 +212,7 @@ def test_sigterm_to_torchrun_reaches_every_rank_and_they_save(setup, two_process
     step = int(stopped[0].split("after step ")[1].split(":")[0])
     received = [line for line in output.splitlines() if line.startswith("pre-emption: SIGTERM received here")]
     assert len(received) == 2, output[-3000:]  # both ranks got it from torchrun
-    saved = out / f"checkpoint-{step}"
-    assert checkpoint_problem(saved) is None
-    assert sorted(p.name for p in saved.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
-
-    rc, output = run(command(argv, nproc=2), setup.root / "launcher2.log")
-    assert rc == 0, output[-3000:]
-    assert f"resuming from {saved}" in output
-    assert logged(out) == logged(two)
-    w, ref = weights(out), weights(two)
-    assert [k for k in ref if not torch.equal(w[k], ref[k])] == []
+    assert_saved_and_resumes_like(two, out, step, argv, setup.root / "launcher2.log")
 
 
 @pytest.mark.slow

@@ -92,6 +92,20 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def _trainer_state_problem(folder: Path, step: int | None, source: str) -> str | None:
+    """Why `trainer_state.json` (written by the Trainer after everything else) does not vouch for `step`, which
+    `source` gives (None: any step)."""
+    try:
+        state_step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
+    except FileNotFoundError:
+        return "trainer_state.json is missing"
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json is unreadable"
+    if step is not None and state_step != step:
+        return f"trainer_state.json is at step {state_step}, {source} at step {step}"
+    return None
+
+
 def _weights_problem(folder: Path) -> str | None:
     """Why the weights in `folder` cannot be loaded: a cut-off safetensors file, a missing shard, or none at all."""
     for path in sorted(folder.rglob("*.safetensors")):
@@ -156,14 +170,8 @@ def checkpoint_problem(checkpoint_dir: str | os.PathLike) -> str | None:
     step = marker.get("step")
     if (name_step := checkpoint_step(folder)) is not None and name_step != step:
         return f"its marker says step {step}, its name step {name_step}"
-    try:
-        state_step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
-    except FileNotFoundError:
-        return "trainer_state.json is missing"
-    except (ValueError, KeyError, TypeError):
-        return "trainer_state.json is unreadable"
-    if state_step != step:
-        return f"trainer_state.json is at step {state_step}, the marker at step {step}"
+    if (problem := _trainer_state_problem(folder, step, "the marker")) is not None:
+        return problem
     try:
         files = {
             str(rel): (int(meta["size"]), str(meta["head_sha256"])) for rel, meta in marker["files"].items()
@@ -211,14 +219,8 @@ def unmarked_checkpoint_problem(checkpoint_dir: str | os.PathLike) -> str | None
     optimizer and RNG state), loadable weights, and every torch file (`.pt`, `.pth`, `.bin`) a whole zip
     archive (`torch.save`'s format; a cut-off one has no central directory at its end)."""
     folder = Path(checkpoint_dir)
-    try:
-        state_step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
-    except FileNotFoundError:
-        return "trainer_state.json is missing"
-    except (ValueError, KeyError, TypeError):
-        return "trainer_state.json is unreadable"
-    if (name_step := checkpoint_step(folder)) is not None and name_step != state_step:
-        return f"trainer_state.json is at step {state_step}, its name says step {name_step}"
+    if (problem := _trainer_state_problem(folder, checkpoint_step(folder), "its name")) is not None:
+        return problem
     for path in sorted(folder.rglob("*")):
         if path.suffix in (".pt", ".pth", ".bin") and path.is_file() and not zipfile.is_zipfile(path):
             return f"{path.relative_to(folder).as_posix()} is not a whole torch file (cut off?)"
