@@ -59,6 +59,41 @@ def test_fastchat_vicuna_flags_land(gpu_like):
     ]
 
 
+# a FastChat train_lora.py command line (its docs' example), data and output swapped for local paths
+LORA_FLAGS = [
+    "--model_name_or_path", "lmsys/vicuna-7b-v1.5", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
+    "--data_path", "data/dummy_conversation.json", "--output_dir", "./checkpoints", "--num_train_epochs", "150",
+    "--fp16", "True", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
+    "--gradient_accumulation_steps", "1", "--evaluation_strategy", "steps", "--eval_steps", "100",
+    "--save_strategy", "steps", "--save_steps", "200", "--save_total_limit", "2", "--learning_rate", "2e-5",
+    "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_strategy", "steps",
+    "--logging_steps", "1", "--tf32", "True", "--model_max_length", "2048", "--q_lora", "False",
+    "--gradient_checkpointing", "True", "--flash_attn", "False", "--lora_target_modules", "q_proj", "v_proj",
+    "--lora_weight_path", "", "--lora_bias", "none",
+]
+
+
+def test_fastchat_lora_flags_land(gpu_like):
+    model, _, train, notices = parse_args(LORA_FLAGS)
+    assert train.fp16 is True
+    assert (model.lora_r, model.lora_alpha, model.lora_dropout) == (8, 16, 0.05)
+    assert model.lora_target_modules == ["q_proj", "v_proj"] and model.lora_bias == "none"
+    assert train.activation_checkpointing is True and train.eval_steps == 100
+    assert [n for n in notices if "lora" in n] == [
+        "--q_lora ignored (4-bit QLoRA (bitsandbytes, CUDA only) is not supported; LoRA on a bf16/fp16 base is: "
+        "--lora_r N with --bf16 True)",
+        "--lora_weight_path ignored (FastChat declares it but never reads it)",
+    ]
+    with pytest.raises(ConfigError) as err:
+        parse_args([*LORA_FLAGS, "--q_lora", "True"])
+    assert str(err.value) == (
+        "--q_lora: 4-bit QLoRA (bitsandbytes, CUDA only) is not supported; LoRA on a bf16/fp16 base is: --lora_r N "
+        "with --bf16 True"
+    )
+    with pytest.raises(SystemExit):  # argparse's own message names the choices
+        parse_args([*LORA_FLAGS, "--lora_bias", "some"])
+
+
 def test_translate_bool_and_drop():
     argv, notices = translate_flags(["--flash_attn", "True", "--group_by_length", "--save_safetensors", "True", "--x", "1"])
     assert argv == ["--attn_implementation", "flash_attention_2", "--train_sampling_strategy", "group_by_length", "--x", "1"]

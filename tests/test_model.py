@@ -425,3 +425,27 @@ def test_lora_tied_embeddings_stay_tied(bpe_tokenizer):
     )
     merged = merge_lora(peft_model)
     assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize(
+    ("bias", "trained_biases"),
+    [
+        ("none", set()),
+        ("lora_only", {"q_proj", "v_proj"}),  # biases of the adapted layers only
+        ("all", {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    ],
+)
+def test_lora_bias_trains_the_chosen_biases(bias, trained_biases):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(config)
+    peft_model, notice = apply_lora(model, r=2, dropout=0.0, target_modules=["q_proj", "v_proj"], bias=bias)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    biases = {n.replace(".base_layer", "").rsplit(".", 2)[-2] for n in trainable if n.endswith(".bias")}
+    assert biases == trained_biases
+    assert {n for n in trainable if not n.endswith(".bias")} == {
+        n for n, _ in peft_model.named_parameters() if ".lora_A." in n or ".lora_B." in n
+    }
+    assert notice.startswith("LoRA r=2 alpha=16 dropout=0.0 on q_proj, v_proj" + ("" if bias == "none" else f", biases: {bias}"))

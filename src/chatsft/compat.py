@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 
+from chatsft.errors import ConfigError
+
 # old flag -> (new flag or None to drop, how the value maps, why). Value maps: "same" keeps the value;
-# "bool" turns `--old [True]` into `--new VALUE` (VALUE given as the 4th item); "layer_cls" merges into fsdp_config.
+# "bool" turns `--old [True]` into `--new VALUE` (VALUE given as the 4th item); "layer_cls" merges into fsdp_config;
+# "drop" ignores the flag; "refuse_true" is a one-line error when the flag is true (dropped when false).
 # FastChat's `--fsdp "full_shard auto_wrap"` passes through: transformers 5.x still maps it onto fsdp_config itself.
 FLAG_TABLE: dict[str, tuple[str | None, str, str, str | None]] = {
     "--evaluation_strategy": ("--eval_strategy", "same", "renamed in transformers 4.46", None),
@@ -25,6 +28,10 @@ FLAG_TABLE: dict[str, tuple[str | None, str, str, str | None]] = {
     "--fsdp_transformer_layer_cls_to_wrap": (None, "layer_cls", "moved into --fsdp_config", None),
     "--save_safetensors": (None, "drop", "weights are always saved as safetensors", None),
     "--logging_dir": (None, "drop", "removed in transformers 5 (TensorBoard reads TENSORBOARD_LOGGING_DIR)", None),
+    # fastchat/train/train_lora.py
+    "--lora_weight_path": (None, "drop", "FastChat declares it but never reads it", None),
+    "--q_lora": (None, "refuse_true", "4-bit QLoRA (bitsandbytes, CUDA only) is not supported; LoRA on a bf16/fp16 "
+                 "base is: --lora_r N with --bf16 True", None),
 }
 
 _FALSE = {"false", "0", "no"}
@@ -61,6 +68,8 @@ def translate_flags(argv: list[str]) -> tuple[list[str], list[str]]:
             classes = [c for v in values for c in v.replace(",", " ").split()]
             fsdp_extra["transformer_layer_cls_to_wrap"] = classes
             notices.append(f"{name} {' '.join(values)} -> --fsdp_config transformer_layer_cls_to_wrap ({why})")
+        elif mapping == "refuse_true" and (not values or values[0].lower() not in _FALSE):
+            raise ConfigError(f"{name}: {why}")
         else:
             notices.append(f"{name} ignored ({why})")
     if fsdp_extra:

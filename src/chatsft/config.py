@@ -39,6 +39,10 @@ class ModelArguments:
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names for LoRA (default: every linear layer of attention and MLP)."}
     )
+    lora_bias: str = field(
+        default="none", metadata={"help": "Bias terms trained with LoRA (peft): none, all, lora_only (FastChat flag).",
+                                  "choices": ["none", "all", "lora_only"]}
+    )
     merge_lora: bool = field(default=False, metadata={"help": "Also save the LoRA weights merged into the model."})
 
 

@@ -35,6 +35,7 @@ def apply_lora(
     dropout: float = 0.05,
     target_modules: list[str] | None = None,
     train_embeddings: bool = False,
+    bias: str = "none",
 ):
     """Wrap `model` with LoRA adapters; return `(peft_model, notice)`.
 
@@ -64,7 +65,7 @@ def apply_lora(
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=targets,
-        bias="none",
+        bias=bias,  # "all"/"lora_only": those biases train in full and are saved with the adapter
         task_type="CAUSAL_LM",
         modules_to_save=list(to_save or []) or None,  # a copy: peft extends it with the tied names
         # only when needed: older peft releases lack the option
@@ -76,6 +77,7 @@ def apply_lora(
     total = sum(p.numel() for p in peft_model.parameters())
     notice = (
         f"LoRA r={r} alpha={alpha} dropout={dropout} on {', '.join(targets)}"
+        + (f", biases: {bias}" if bias != "none" else "")
         + (f", training {', '.join(to_save)} in full" if to_save else "")
         + f": {trainable:,} of {total:,} parameters trainable"
     )

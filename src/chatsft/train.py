@@ -120,7 +120,7 @@ def run(model_args, data_args, args, say) -> int:
     if model_args.lora_r > 0:
         model, notice = apply_lora(model, r=model_args.lora_r, alpha=model_args.lora_alpha,
                                    dropout=model_args.lora_dropout, target_modules=model_args.lora_target_modules,
-                                   train_embeddings=grew)
+                                   train_embeddings=grew, bias=model_args.lora_bias)
         say(notice)
 
     for notice in fill_fsdp_config(args, model):
