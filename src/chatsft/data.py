@@ -74,6 +74,7 @@ def build_datasets(
     policy: ReadPolicy | None = None,
     eval_policy: ReadPolicy | None = None,
     main_process_first=None,
+    progress: bool = False,
 ) -> Split:
     """Read, validate, split and encode. `main_process_first` is `training_args.main_process_first` under torchrun:
     the main process encodes and writes the cache, the others then read it."""
@@ -107,12 +108,13 @@ def build_datasets(
     train_dir, eval_dir = cache_root / f"{base_key}-train", cache_root / f"{base_key}-eval"
     guard = main_process_first(desc="encoding") if main_process_first else contextlib.nullcontext()
     with guard:
-        train, train_audit, hit = encode_cached(conversations, encoder, train_dir, num_workers)
+        train, train_audit, hit = encode_cached(conversations, encoder, train_dir, num_workers, progress and "train")
         notices.append(f"training examples {'loaded from cache' if hit else 'encoded and cached'}: {len(train)} "
                        f"({train_dir})")
         evaluation, eval_audit, paths = None, None, [train_dir]
         if eval_conversations:
-            evaluation, eval_audit, eval_hit = encode_cached(eval_conversations, encoder, eval_dir, num_workers)
+            evaluation, eval_audit, eval_hit = encode_cached(eval_conversations, encoder, eval_dir, num_workers,
+                                                             progress and "eval")
             notices.append(f"eval examples {'loaded from cache' if eval_hit else 'encoded and cached'}: "
                            f"{len(evaluation)} ({eval_dir})")
             hit, paths = hit and eval_hit, [train_dir, eval_dir]
@@ -159,8 +161,10 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: Path, num_workers: int | None):
-    """Load the encoded dataset from `folder`, or encode it there. Returns (dataset, audit, cache_hit)."""
+def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: Path, num_workers: int | None,
+                  progress: str | None = None):
+    """Load the encoded dataset from `folder`, or encode it there (with a progress bar named `progress`, if
+    given). Returns (dataset, audit, cache_hit)."""
     import datasets
 
     arrow, audit_file = folder / "examples.arrow", folder / "audit.json"
@@ -170,7 +174,7 @@ def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: P
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        audit = write_examples(conversations, encoder, tmp / "examples.arrow", num_workers)
+        audit = write_examples(conversations, encoder, tmp / "examples.arrow", num_workers, progress)
     except BaseException:
         _rmtree(tmp)  # an error or Ctrl-C mid-encoding: no half-written folder left behind
         raise
@@ -189,24 +193,28 @@ def _schema():
                       ("length", pa.int32())])
 
 
-def write_examples(conversations: list[Conversation], encoder: Encoder, path: Path, num_workers: int | None) -> Audit:
+def write_examples(conversations: list[Conversation], encoder: Encoder, path: Path, num_workers: int | None,
+                   progress: str | None = None) -> Audit:
     """Encode chunk by chunk with `num_workers` processes (this one and helpers, see `parallel.py`) and stream
     the examples, in input order, to an Arrow stream file. Each chunk is written to a file of its own by whoever
     encoded it (the helpers inherit the conversations under `fork`): nothing large goes through a pipe either way."""
     import pyarrow as pa
+    from tqdm import tqdm
 
     ranges = [(i, min(i + CHUNK, len(conversations))) for i in range(0, len(conversations), CHUNK)]
     workers = num_workers or os.cpu_count() or 1
     stop_ids = encoder_stop_ids(encoder)
     audit = Audit(stop_ids=stop_ids)
     task = functools.partial(_encode_chunk, encoder, stop_ids, conversations, ranges, path)
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
+    bar = tqdm(total=len(conversations), desc=f"encoding {progress}", unit=" conversations", disable=not progress)
+    with bar, pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
         for chunk_file, partial in run_in_order(task, len(ranges), helpers=workers - 1):
             with pa.memory_map(chunk_file) as source:
                 for batch in pa.ipc.open_stream(source):
                     writer.write_batch(batch)
             os.unlink(chunk_file)
             audit.merge(partial)
+            bar.update(partial.records)
     return audit
 
 

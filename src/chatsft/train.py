@@ -96,7 +96,7 @@ def run(model_args, data_args, args, say) -> int:
         num_workers=data_args.preprocessing_num_workers, cache_dir=args.cache_dir,
         policy=policy, eval_policy=ReadPolicy(data_args.max_invalid_ratio, data_args.strict,
                                               str(output_dir / "rejected-eval.jsonl") if writes else None),
-        main_process_first=args.main_process_first,
+        main_process_first=args.main_process_first, progress=args.should_log and not args.disable_tqdm,
     )
     for notice in [*split.notices, *other_ranks_notices(split.notices)]:
         say(notice)
