@@ -281,6 +281,29 @@ def test_a_killed_worker_is_a_one_line_error_and_leaves_no_cache_folder(
     assert list((tmp_path / "cache").iterdir()) == []
 
 
+def test_a_full_disk_is_a_one_line_error_wherever_it_happens(bpe_tokenizer, write_file, tmp_path, monkeypatch):
+    import errno
+
+    monkeypatch.setattr(data, "CHUNK", 2)
+    encode_chunk = data._encode_chunk
+
+    def disk_full(*args):
+        if args[-1] == 3:  # one chunk, in whichever process takes it
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return encode_chunk(*args)
+
+    monkeypatch.setattr(data, "_encode_chunk", disk_full)
+    path = write_file("train.json", records(12))
+    for workers in (1, 2):
+        with pytest.raises(DataError) as err:
+            build(Encoder(VICUNA, bpe_tokenizer), [path], tmp_path, num_workers=workers)
+        assert str(err.value) == (
+            f"no space left on the device of the preprocessing cache ({tmp_path / 'cache'}): free some, or point "
+            "--cache_dir at a larger disk"
+        )
+        assert list((tmp_path / "cache").iterdir()) == []
+
+
 def test_a_killed_runs_half_written_folder_is_removed_by_the_next_run(bpe_tokenizer, write_file, tmp_path):
     import socket
     import subprocess

@@ -45,9 +45,29 @@ def test_no_helpers_runs_everything_here():
     assert list(run_in_order(functools.partial(_square_and_pid, os.getpid()), 0, helpers=3)) == []
 
 
-def test_an_error_in_a_helper_is_raised_with_its_traceback():
-    with pytest.raises(RuntimeError, match=r"(?s)failed on task \d+:.*ValueError: bad task"):
+def test_an_error_in_a_helper_is_raised_here_with_its_traceback():
+    with pytest.raises(ValueError) as err:
         list(run_in_order(functools.partial(_fail_in_helper, os.getpid()), 10, helpers=1))
+    assert err.value.args[0].startswith("bad task ")
+    (note,) = err.value.__notes__
+    assert note.startswith("raised in a preprocessing process, task ") and "_fail_in_helper" in note
+
+
+class _Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("no")
+
+
+def _fail_unpicklably_in_helper(parent: int, k: int) -> int:
+    if os.getpid() != parent:
+        raise _Unpicklable("odd")
+    time.sleep(0.05)
+    return k
+
+
+def test_an_error_that_cannot_travel_is_a_runtime_error_with_its_traceback():
+    with pytest.raises(RuntimeError, match=r"(?s)failed on task \d+:.*_Unpicklable: odd"):
+        list(run_in_order(functools.partial(_fail_unpicklably_in_helper, os.getpid()), 10, helpers=1))
 
 
 def test_a_killed_helper_is_a_one_line_error_not_a_hang():

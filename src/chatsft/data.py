@@ -17,6 +17,7 @@ replaced by the next usable one and reported on the log with its id.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import glob
 import hashlib
@@ -31,7 +32,7 @@ from pathlib import Path
 from chatsft import __version__
 from chatsft.audit import Audit, stop_token_ids
 from chatsft.encode import Encoded, Encoder
-from chatsft.errors import ConfigError
+from chatsft.errors import ConfigError, DataError
 from chatsft.parallel import run_in_order
 from chatsft.records import Conversation, ReadPolicy, read_conversations
 from chatsft.templates import RenderError
@@ -175,8 +176,11 @@ def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: P
     tmp.mkdir(parents=True, exist_ok=True)
     try:
         audit = write_examples(conversations, encoder, tmp / "examples.arrow", num_workers, progress)
-    except BaseException:
+    except BaseException as err:
         _rmtree(tmp)  # an error or Ctrl-C mid-encoding: no half-written folder left behind
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise DataError(f"no space left on the device of the preprocessing cache ({folder.parent}): free some, "
+                            "or point --cache_dir at a larger disk") from None
         raise
     (tmp / "audit.json").write_text(json.dumps(audit.to_dict()))
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import os
+import pickle
 import threading
 import traceback
 from collections.abc import Callable, Iterator
@@ -74,8 +75,12 @@ def run_in_order(task: Callable[[int], T], n: int, helpers: int) -> Iterator[T]:
                         if proc.exitcode:
                             raise _died(proc.exitcode) from None
                         continue
-                    if kind == "error":
-                        raise RuntimeError(f"a preprocessing process failed on task {index}:\n{payload}")
+                    if kind == "error":  # raised again here, as if the task had failed in this process
+                        error, text = payload
+                        if error is None:
+                            raise RuntimeError(f"a preprocessing process failed on task {index}:\n{text}")
+                        error.add_note(f"raised in a preprocessing process, task {index}:\n{text}")
+                        raise error
                     done[index] = payload
             yield done.pop(k)
         finished = True
@@ -108,8 +113,8 @@ def _helper(task: Callable[[int], object], counter, n: int, conn, parents_end, p
         while os.getppid() == parent and (k := _take(counter, n)) is not None:
             try:
                 message = ("ok", k, task(k))
-            except BaseException:
-                message = ("error", k, traceback.format_exc())
+            except BaseException as error:
+                message = ("error", k, (_picklable(error), traceback.format_exc()))
             try:
                 conn.send(message)
             except ConnectionError:  # the parent is gone
@@ -118,6 +123,14 @@ def _helper(task: Callable[[int], object], counter, n: int, conn, parents_end, p
                 return
     finally:
         conn.close()
+
+
+def _picklable(error: BaseException) -> BaseException | None:
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return None
+    return error
 
 
 def _died(exitcode: int) -> ChatsftError:
