@@ -18,7 +18,7 @@ TEMPLATE = "vicuna_v1.1"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default="chatsft-demo", help="where the model folders go (default ./chatsft-demo)")
-    parser.add_argument("--epochs", type=float, default=12, help="training epochs over the sample data (default 12)")
+    parser.add_argument("--epochs", type=float, default=16, help="training epochs over the sample data (default 16)")
     parser.add_argument("--hidden_size", type=int, default=128, help="model width (default 128)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
 
