@@ -151,7 +151,7 @@ def main() -> None:
 
     imports = time.perf_counter() - start
     from chatsft.cli import main as cli_main
-    from chatsft.data import build_datasets
+    from chatsft.data import build_datasets, usable_cpus
     from chatsft.encode import Encoder
     from chatsft.model import load_tokenizer
     from chatsft.records import read_conversations
@@ -210,7 +210,7 @@ def main() -> None:
                 env=env,
             )
 
-        workers = args.workers or os.cpu_count()
+        workers = args.workers or usable_cpus()
         names = {
             "raw": "raw fast tokenizer, one batch call",
             "cold": f"chatsft eager, cold cache ({workers} workers)",

@@ -425,3 +425,13 @@ def test_labels_per_segment_boundary_equal_the_per_token_rule(mistral_tokenizer,
     assert straddles  # the glued template made some
     two = [Segment("<s>", False, False, -1), Segment("hello", True, True, 1)]
     assert _label_by_segment(two, [0, 3], [1, 2, 3], [(0, 3), (3, 3), (3, 8)], False) is None
+
+
+def test_default_workers_follow_the_cpus_this_process_may_use(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5, 7}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    assert data.usable_cpus() == 3  # a SLURM job's cpuset, not the whole node
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert data.usable_cpus() == 128

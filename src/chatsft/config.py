@@ -69,7 +69,7 @@ class DataArguments:
     )
     strict: bool = field(default=False, metadata={"help": "Stop at the first rejected record."})
     preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes for eager encoding (default: the CPU count)."}
+        default=None, metadata={"help": "Processes for eager encoding (default: the CPUs this process may use)."}
     )
     padding_free: bool = field(
         default=True,

@@ -206,7 +206,7 @@ def write_examples(conversations: list[Conversation], encoder: Encoder, path: Pa
     from tqdm import tqdm
 
     ranges = [(i, min(i + CHUNK, len(conversations))) for i in range(0, len(conversations), CHUNK)]
-    workers = num_workers or os.cpu_count() or 1
+    workers = num_workers or usable_cpus()
     stop_ids = encoder_stop_ids(encoder)
     audit = Audit(stop_ids=stop_ids)
     task = functools.partial(_encode_chunk, encoder, stop_ids, conversations, ranges, path)
@@ -220,6 +220,14 @@ def write_examples(conversations: list[Conversation], encoder: Encoder, path: Pa
             audit.merge(partial)
             bar.update(partial.records)
     return audit
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (SLURM, taskset and container
+    cpusets narrow it; `os.cpu_count()` would count the whole machine and oversubscribe it), else the CPU count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def encoder_stop_ids(encoder: Encoder) -> tuple[int, ...]:
