@@ -36,24 +36,18 @@ def lines(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def prepare(data, model_dir, out, *flags) -> int:
+    """`chatsft prepare` through the CLI dispatcher; returns its exit code."""
+    return main(["prepare", "--data_path", str(data), "--model_name_or_path", str(model_dir), "--output", str(out),
+                 *flags])
+
+
 def test_prepare_writes_examples_in_order_with_the_audit(
     write_file, mistral_dir, mistral_tokenizer, tmp_path, capsys
 ):
     data = write_file("data.json", RECORDS)
     out = tmp_path / "out" / "examples.jsonl"
-    code = main(
-        [
-            "prepare",
-            "--data_path",
-            str(data),
-            "--model_name_or_path",
-            str(mistral_dir),
-            "--conv_template",
-            "vicuna_v1.1",
-            "--output",
-            str(out),
-        ]
-    )
+    code = prepare(data, mistral_dir, out, "--conv_template", "vicuna_v1.1")
     printed = capsys.readouterr().out
     assert code == 0
     rows = lines(out)
@@ -77,60 +71,17 @@ def test_prepare_writes_examples_in_order_with_the_audit(
 def test_prepare_loss_mode_flags_and_split_ids(write_file, mistral_dir, tmp_path, capsys):
     data = write_file("data.jsonl", "\n".join(json.dumps(r) for r in RECORDS[:2]))
     out = tmp_path / "split.jsonl"
-    assert (
-        main(
-            [
-                "prepare",
-                "--data_path",
-                str(data),
-                "--model_name_or_path",
-                str(mistral_dir),
-                "--split_example_loss",
-                "--output",
-                str(out),
-                "--audit",
-                str(tmp_path / "a.json"),
-            ]
-        )
-        == 0
-    )
+    assert prepare(data, mistral_dir, out, "--split_example_loss", "--audit", str(tmp_path / "a.json")) == 0
     assert [r["id"] for r in lines(out)] == ["a#0", "b#0", "b#1"]
     assert json.loads((tmp_path / "a.json").read_text())["examples"] == 3
-    code = main(
-        [
-            "prepare",
-            "--data_path",
-            str(data),
-            "--model_name_or_path",
-            str(mistral_dir),
-            "--last_response_loss",
-            "--split_example_loss",
-            "--output",
-            str(out),
-        ]
-    )
+    code = prepare(data, mistral_dir, out, "--last_response_loss", "--split_example_loss")
     assert code == 2 and "--last_response_loss and --split_example_loss" in capsys.readouterr().err
 
 
 def test_prepare_truncates_and_counts(write_file, mistral_dir, tmp_path, capsys):
     data = write_file("data.json", RECORDS[:2])
     out = tmp_path / "short.jsonl"
-    assert (
-        main(
-            [
-                "prepare",
-                "--data_path",
-                str(data),
-                "--model_name_or_path",
-                str(mistral_dir),
-                "--model_max_length",
-                "48",
-                "--output",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert prepare(data, mistral_dir, out, "--model_max_length", "48") == 0
     rows = lines(out)
     assert all(len(r["input_ids"]) <= 48 for r in rows)
     audit = json.loads(out.with_suffix(".audit.json").read_text())
@@ -140,20 +91,10 @@ def test_prepare_truncates_and_counts(write_file, mistral_dir, tmp_path, capsys)
 def test_prepare_missing_marker_suggests_add_special_tokens(write_file, mistral_dir, tmp_path, capsys):
     data = write_file("data.json", RECORDS[:1])
     out = tmp_path / "chatml.jsonl"
-    args = [
-        "prepare",
-        "--data_path",
-        str(data),
-        "--model_name_or_path",
-        str(mistral_dir),
-        "--conv_template",
-        "chatml",
-        "--output",
-        str(out),
-    ]
-    assert main(args) == 2
+    assert prepare(data, mistral_dir, out, "--conv_template", "chatml") == 2
     assert "--add_special_tokens" in capsys.readouterr().err
-    assert main([*args, "--add_special_tokens", "<|im_start|>", "<|im_end|>"]) == 0
+    assert prepare(data, mistral_dir, out, "--conv_template", "chatml", "--add_special_tokens", "<|im_start|>",
+                   "<|im_end|>") == 0
     (row,) = lines(out)
     assert row["text"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
     # as in `chatsft train` (which saves them in generation_config) the template's stop tokens are stop ids
@@ -180,10 +121,7 @@ def test_prepare_from_a_model_folder_uses_its_chat_template(write_file, bpe_toke
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
     data = write_file("data.json", RECORDS[:1])
     out = tmp_path / "tok.jsonl"
-    assert (
-        main(["prepare", "--data_path", str(data), "--model_name_or_path", str(folder), "--output", str(out)])
-        == 0
-    )
+    assert prepare(data, folder, out) == 0
     assert "the tokenizer's own chat_template" in capsys.readouterr().out
     (row,) = lines(out)
     assert row["text"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
