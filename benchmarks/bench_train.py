@@ -259,7 +259,7 @@ def chatsft_data(model_dir: Path, data: str, length: int, cache: Path):
     from chatsft.records import ReadPolicy
     from chatsft.templates import get_template
 
-    tokenizer, _, _ = prepare_tokenizer(model_dir, model_max_length=length)
+    tokenizer, _, _, _ = prepare_tokenizer(model_dir, model_max_length=length)
     template, _ = get_template(TEMPLATE, tokenizer)
     encoder = Encoder(template, tokenizer, "assistant_turns", length)
     split = build_datasets(encoder, [data], seed=SEED, num_workers=1, cache_dir=cache, policy=ReadPolicy())
