@@ -230,18 +230,24 @@ def unmarked_checkpoint_problem(checkpoint_dir: str | os.PathLike) -> str | None
 def validate_checkpoint(path: str | os.PathLike) -> tuple[Path, list[str]]:
     """`path` if it is a complete checkpoint (or, with a notice, an unmarked one whose files look whole: asking for
     it by name adopts it), else a ConfigError saying why (for an explicit --resume_from_checkpoint)."""
-    problem = checkpoint_problem(path)
-    if problem is not None and not (Path(path) / MARKER_NAME).exists() and Path(path).is_dir():
-        if (unmarked := unmarked_checkpoint_problem(path)) is None:
-            return Path(path), [f"resuming from {path}, which chatsft did not mark complete (another tool wrote it, "
-                                "or a save was cut off at its very end): its files look whole"]
+    folder = Path(path)
+    problem = checkpoint_problem(folder)
+    if problem is None:
+        return folder, []
+    if _unmarked(folder):
+        if (unmarked := unmarked_checkpoint_problem(folder)) is None:
+            return folder, [f"resuming from {path}, which chatsft did not mark complete (another tool wrote it, "
+                            "or a save was cut off at its very end): its files look whole"]
         problem = f"it has no {MARKER_NAME} and {unmarked}"
-    if problem is not None:
-        raise ConfigError(
-            f"cannot resume from {path}: {problem}. Choose a complete checkpoint, or leave --resume_from_checkpoint "
-            "out to resume from the newest complete one."
-        )
-    return Path(path), []
+    raise ConfigError(
+        f"cannot resume from {path}: {problem}. Choose a complete checkpoint, or leave --resume_from_checkpoint "
+        "out to resume from the newest complete one."
+    )
+
+
+def _unmarked(folder: Path) -> bool:
+    """A checkpoint folder chatsft never marked (another tool's, or a save cut off before its marker)."""
+    return folder.is_dir() and not (folder / MARKER_NAME).exists()
 
 
 def choose_resume(
@@ -266,7 +272,7 @@ def choose_resume(
     path, notices = find_resume_checkpoint(output_dir)
     if path is None:
         for _, candidate in _checkpoints(Path(output_dir)):
-            if not (candidate / MARKER_NAME).exists() and unmarked_checkpoint_problem(candidate) is None:
+            if _unmarked(candidate) and unmarked_checkpoint_problem(candidate) is None:
                 raise ConfigError(
                     f"{output_dir} holds {candidate.name}, which chatsft did not mark complete (FastChat or another "
                     "HF Trainer tool wrote it, or a chatsft save was cut off at its very end), and its files look "
