@@ -329,27 +329,15 @@ def test_script_deepspeed_strategy(gpu_like, strategy):
 
 
 def test_script_refusals():
-    env = _clean_env()
-    run = subprocess.run(
-        ["bash", str(EXAMPLES / "train_single_node.sh")],
-        env={**env, "GPUS": "3", "DRY_RUN": "1"},
-        capture_output=True,
-        text=True,
-    )
+    def dry_run(script: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(EXAMPLES / script)], env={**_clean_env(), **env, "DRY_RUN": "1"},
+                              capture_output=True, text=True)
+
+    run = dry_run("train_single_node.sh", GPUS="3")
     assert run.returncode == 2 and "GLOBAL_BATCH=128 is not a multiple of MICRO_BATCH*GPUS=6" in run.stderr
-    run = subprocess.run(
-        ["bash", str(EXAMPLES / "train_single_node.sh")],
-        env={**env, "STRATEGY": "zero4", "DRY_RUN": "1"},
-        capture_output=True,
-        text=True,
-    )
+    run = dry_run("train_single_node.sh", STRATEGY="zero4")
     assert run.returncode == 2 and "STRATEGY must be fsdp, zero2, zero3 or zero3_offload" in run.stderr
-    run = subprocess.run(
-        ["bash", str(EXAMPLES / "train_multi_node.sh")],
-        env={**env, "DRY_RUN": "1"},
-        capture_output=True,
-        text=True,
-    )
+    run = dry_run("train_multi_node.sh")
     assert run.returncode != 0 and "set MASTER_ADDR to the address of the first node" in run.stderr
 
 

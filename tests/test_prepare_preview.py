@@ -42,6 +42,11 @@ def prepare(data, model_dir, out, *flags) -> int:
                  *flags])
 
 
+def preview(data, model_dir, *flags) -> int:
+    """`chatsft preview` through the CLI dispatcher; returns its exit code."""
+    return main(["preview", "--data_path", str(data), "--model_name_or_path", str(model_dir), *flags])
+
+
 def test_prepare_writes_examples_in_order_with_the_audit(
     write_file, mistral_dir, mistral_tokenizer, tmp_path, capsys
 ):
@@ -133,51 +138,16 @@ def test_prepare_from_a_model_folder_uses_its_chat_template(write_file, bpe_toke
 def test_preview_terminal_and_html(write_file, mistral_dir, tmp_path, capsys):
     data = write_file("data.json", RECORDS)
     page = tmp_path / "preview.html"
-    assert (
-        main(
-            [
-                "preview",
-                "--data_path",
-                str(data),
-                "--model_name_or_path",
-                str(mistral_dir),
-                "--index",
-                "1",
-                "--color",
-                "never",
-                "--html",
-                str(page),
-            ]
-        )
-        == 0
-    )
+    assert preview(data, mistral_dir, "--index", "1", "--color", "never", "--html", str(page)) == 0
     out = capsys.readouterr().out
     assert "« The token </s> does.</s>»" in out and "« It starts it.</s>»" in out
     assert "USER: And <s>? ASSISTANT:" in out
     text = page.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and 'class="t' in text and "&lt;/s&gt;" in text
-    assert (
-        main(
-            [
-                "preview",
-                "--data_path",
-                str(data),
-                "--model_name_or_path",
-                str(mistral_dir),
-                "--id",
-                "c",
-                "--color",
-                "always",
-            ]
-        )
-        == 0
-    )
+    assert preview(data, mistral_dir, "--id", "c", "--color", "always") == 0
     out = capsys.readouterr().out
     assert "\033[30;42m" in out and "record c " in out and "Be terse." not in out  # coloured token by token
-    assert (
-        main(["preview", "--data_path", str(data), "--model_name_or_path", str(mistral_dir), "--index", "9"])
-        == 2
-    )
+    assert preview(data, mistral_dir, "--index", "9") == 2
     assert "3 accepted records" in capsys.readouterr().err
 
 
@@ -194,8 +164,7 @@ def test_preview_reports_a_rejected_record(write_file, mistral_dir, tmp_path, ca
     )
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     data = write_file("data.json", RECORDS)
-    args = ["preview", "--data_path", str(data), "--model_name_or_path", str(folder)]
-    assert main([*args, "--id", "c"]) == 1
+    assert preview(data, folder, "--id", "c") == 1
     assert "rejected: template_error: no system role" in capsys.readouterr().out
-    assert main([*args, "--id", "a", "--color", "never"]) == 0
+    assert preview(data, folder, "--id", "a", "--color", "never") == 0
     assert "<s>[INST] Hi [/INST]« Hello!</s>»" in capsys.readouterr().out
