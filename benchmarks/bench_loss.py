@@ -1,5 +1,5 @@
 """Time one training step (forward + backward) with the model's own loss (head and cross-entropy on every
-position) against `chatsft.loss.causal_lm_loss` (head and cross-entropy on trained positions only).
+position) against `chatsft.training.loss.causal_lm_loss` (head and cross-entropy on trained positions only).
 
     .venv/bin/python benchmarks/bench_loss.py [--vocab 32000] [--hidden 256] [--layers 2] [--trained 0.4]
 
@@ -33,12 +33,18 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from chatsft.collate import PackedCollator, PadCollator
-    from chatsft.loss import causal_lm_loss
+    from chatsft.training.loss import causal_lm_loss
 
     positions = max(a.length, 2048) * (a.batch if a.packed else 1)
-    config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 4,
-                         num_hidden_layers=a.layers, num_attention_heads=max(a.hidden // 64, 1),
-                         max_position_embeddings=positions, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.hidden * 4,
+        num_hidden_layers=a.layers,
+        num_attention_heads=max(a.hidden // 64, 1),
+        max_position_embeddings=positions,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).train()
     g = torch.Generator().manual_seed(0)
@@ -67,9 +73,11 @@ def main() -> None:
     results = {name: statistics.median(ts) for name, ts in times.items()}
     base = results["model loss (all positions)"]
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"vocab {a.vocab}, hidden {a.hidden}, layers {a.layers} ({params:.1f}M params), "
-          f"{a.batch} x {a.length} tokens {'packed' if a.packed else 'padded'}, trained share {a.trained}, "
-          f"{a.threads} thread(s)")
+    print(
+        f"vocab {a.vocab}, hidden {a.hidden}, layers {a.layers} ({params:.1f}M params), "
+        f"{a.batch} x {a.length} tokens {'packed' if a.packed else 'padded'}, trained share {a.trained}, "
+        f"{a.threads} thread(s)"
+    )
     print("| loss | step s (median) | speed-up |\n| --- | ---: | ---: |")
     for name, s in results.items():
         print(f"| {name} | {s:.3f} | {base / s:.2f}x |")

@@ -43,8 +43,8 @@ def child(mode: str, data: str, tok_dir: str, cache: str) -> None:
 
     from chatsft.data import build_datasets
     from chatsft.encode import Encoder
-    from chatsft.model import load_tokenizer
     from chatsft.templates import VICUNA
+    from chatsft.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tok_dir, model_max_length=MAX_LENGTH)
     encoder = Encoder(VICUNA, tokenizer, "assistant_turns", MAX_LENGTH)

@@ -150,12 +150,12 @@ def main() -> None:
     import pyarrow  # noqa: F401
 
     imports = time.perf_counter() - start
-    from chatsft.cli import main as cli_main
+    from chatsft.commands.cli import main as cli_main
     from chatsft.data import build_datasets, usable_cpus
     from chatsft.encode import Encoder
-    from chatsft.model import load_tokenizer
     from chatsft.records import read_conversations
     from chatsft.templates import VICUNA, render
+    from chatsft.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -193,8 +193,19 @@ def main() -> None:
             ]
 
         def prepare_args(output: Path) -> list[str]:
-            return ["prepare", "--data_path", str(data), "--model_name_or_path", str(tok_dir), "--conv_template",
-                    "vicuna_v1.1", "--model_max_length", str(MAX_LENGTH), "--output", str(output)]
+            return [
+                "prepare",
+                "--data_path",
+                str(data),
+                "--model_name_or_path",
+                str(tok_dir),
+                "--conv_template",
+                "vicuna_v1.1",
+                "--model_max_length",
+                str(MAX_LENGTH),
+                "--output",
+                str(output),
+            ]
 
         def prepare(round_: int):
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
@@ -204,7 +215,7 @@ def main() -> None:
         def prepare_subprocess(round_: int):
             env = {**os.environ, "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true")}
             subprocess.run(
-                [sys.executable, "-m", "chatsft.cli", *prepare_args(tmp / "prepared2.jsonl")],
+                [sys.executable, "-m", "chatsft.commands.cli", *prepare_args(tmp / "prepared2.jsonl")],
                 check=True,
                 stdout=subprocess.DEVNULL,
                 env=env,

@@ -67,25 +67,45 @@ VICUNA_GENERATION = (
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA))
-    ap.add_argument("--concat", type=int, default=1, metavar="N",
-                    help="longer examples: each record joins 1..N random records of --data (seeded)")
+    ap.add_argument(
+        "--concat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="longer examples: each record joins 1..N random records of --data (seeded)",
+    )
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
-    ap.add_argument("--variants", nargs="+", default=[*CHATSFT_VARIANTS, *TRL_VARIANTS],
-                    help="names above; NAME:OPTIM runs NAME with another optimizer (e.g. padding-free:adamw_torch)")
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=[*CHATSFT_VARIANTS, *TRL_VARIANTS],
+        help="names above; NAME:OPTIM runs NAME with another optimizer (e.g. padding-free:adamw_torch)",
+    )
     ap.add_argument("--batch", type=int, default=8, help="examples per step (packed variants: 1 row)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--baseline-steps", type=int, nargs=2, default=[1, 5], metavar=("WARMUP", "STEPS"),
-                    help="pad-to-max runs fewer steps: every one has the same shape, and each is slow")
+    ap.add_argument(
+        "--baseline-steps",
+        type=int,
+        nargs=2,
+        default=[1, 5],
+        metavar=("WARMUP", "STEPS"),
+        help="pad-to-max runs fewer steps: every one has the same shape, and each is slow",
+    )
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--optim", default="adamw_torch_fused", help="the same optimizer for every variant")
     ap.add_argument("--trl-python", default=str(ROOT / ".venv-bench" / "bin" / "python"))
-    ap.add_argument("--workdir", help="keep the model, tokenizer and encoded data here (default: a temp folder)")
-    ap.add_argument("--profile", metavar="VARIANT",
-                    help="run only VARIANT (first length) under cProfile and print the top functions")
+    ap.add_argument(
+        "--workdir", help="keep the model, tokenizer and encoded data here (default: a temp folder)"
+    )
+    ap.add_argument(
+        "--profile",
+        metavar="VARIANT",
+        help="run only VARIANT (first length) under cProfile and print the top functions",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -112,9 +132,13 @@ def main() -> None:
         for length in a.lengths:
             for v in variants:
                 res = run_worker(a, workdir, v, length)
-                print(f"round {r + 1} L={length} {v}: {res.get('trained_per_s', 0):.0f} trained tokens/s, "
-                      f"{res.get('seconds', 0):.1f} s, peak RSS {res.get('peak_rss_mib', 0):.0f} MiB"
-                      + (f" ERROR {res['error']}" if "error" in res else ""), file=sys.stderr, flush=True)
+                print(
+                    f"round {r + 1} L={length} {v}: {res.get('trained_per_s', 0):.0f} trained tokens/s, "
+                    f"{res.get('seconds', 0):.1f} s, peak RSS {res.get('peak_rss_mib', 0):.0f} MiB"
+                    + (f" ERROR {res['error']}" if "error" in res else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
                 results.setdefault((length, v), []).append(res)
     print_table(a, stats, variants, results)
     if not a.workdir:
@@ -127,21 +151,32 @@ def setup(workdir: Path, a) -> dict:
     if not (model_dir / "config.json").is_file():
         from transformers import AutoTokenizer
 
-        from chatsft.model import setup_pad_token
-        from chatsft.tiny import build_model
+        from chatsft.tokenizer import setup_pad_token
+        from chatsft.training.tiny import build_model
 
         mistral_tokenizer_dir(model_dir)
         tok = AutoTokenizer.from_pretrained(model_dir)
         setup_pad_token(tok)  # unk, as `chatsft train` does; the model's pad_token_id follows
-        build_model(tok, hidden_size=a.hidden, layers=a.layers, heads=max(a.hidden // 32, 1),
-                    max_positions=max(a.lengths), seed=SEED).save_pretrained(model_dir)
+        build_model(
+            tok,
+            hidden_size=a.hidden,
+            layers=a.layers,
+            heads=max(a.hidden // 32, 1),
+            max_positions=max(a.lengths),
+            seed=SEED,
+        ).save_pretrained(model_dir)
     stats = {}
     for length in a.lengths:
         split, _, _ = chatsft_data(model_dir, a.data, length, workdir / "cache")
         lengths = split.train["length"]
         trained = sum(sum(1 for y in ex["labels"][1:] if y != -100) for ex in split.train)
-        stats[length] = {"examples": len(lengths), "tokens": sum(lengths), "trained": trained,
-                         "max": max(lengths), "mean": sum(lengths) / len(lengths)}
+        stats[length] = {
+            "examples": len(lengths),
+            "tokens": sum(lengths),
+            "trained": trained,
+            "max": max(lengths),
+            "mean": sum(lengths) / len(lengths),
+        }
     return stats
 
 
@@ -163,12 +198,38 @@ def run_worker(a, workdir: Path, variant: str, length: int, profile: bool = Fals
     name, _, optim = variant.partition(":")
     python = a.trl_python if name in TRL_VARIANTS else sys.executable
     warmup, steps = a.baseline_steps if name == "pad-to-max" else (a.warmup, a.steps)
-    cmd = [python, __file__, "--worker", name, "--length", str(length), "--workdir", str(workdir),
-           "--data", a.data, "--batch", str(a.batch), "--steps", str(steps), "--warmup", str(warmup),
-           "--threads", str(a.threads), "--optim", optim or a.optim] + (["--profile", name] if profile else [])
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONWARNINGS": "ignore", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    cmd = [
+        python,
+        __file__,
+        "--worker",
+        name,
+        "--length",
+        str(length),
+        "--workdir",
+        str(workdir),
+        "--data",
+        a.data,
+        "--batch",
+        str(a.batch),
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--threads",
+        str(a.threads),
+        "--optim",
+        optim or a.optim,
+    ] + (["--profile", name] if profile else [])
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(a.threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONWARNINGS": "ignore",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    }
     proc = subprocess.run(cmd, capture_output=not profile, text=True, env=env, cwd=ROOT)
     if profile:
         return {}
@@ -184,17 +245,23 @@ def print_table(a, stats, variants, results) -> None:
 
     import torch
 
-    print(f"\nPython {platform.python_version()}, torch {torch.__version__}, {a.threads} thread(s), "
-          f"{os.cpu_count()} CPUs; "
-          f"Llama hidden {a.hidden}, {a.layers} layers, vocab 32000; {Path(a.data).name}, {TEMPLATE}; "
-          f"{a.batch} examples/step (packed: 1 row); {a.steps} steps timed after {a.warmup} "
-          f"(pad-to-max: {a.baseline_steps[1]} after {a.baseline_steps[0]}); optimizer {a.optim}; "
-          f"each step's fastest of {a.rounds} round(s)")
+    print(
+        f"\nPython {platform.python_version()}, torch {torch.__version__}, {a.threads} thread(s), "
+        f"{os.cpu_count()} CPUs; "
+        f"Llama hidden {a.hidden}, {a.layers} layers, vocab 32000; {Path(a.data).name}, {TEMPLATE}; "
+        f"{a.batch} examples/step (packed: 1 row); {a.steps} steps timed after {a.warmup} "
+        f"(pad-to-max: {a.baseline_steps[1]} after {a.baseline_steps[0]}); optimizer {a.optim}; "
+        f"each step's fastest of {a.rounds} round(s)"
+    )
     for length, s in stats.items():
-        print(f"L={length}: {s['examples']} examples, {s['tokens']} tokens (mean {s['mean']:.1f}, max {s['max']}), "
-              f"{s['trained']} trained targets")
-    print("\n| max len | variant | examples/step | positions/step | padding | tokens/s | trained tokens/s "
-          "| vs pad-to-max | peak RSS MiB | trained targets timed |")
+        print(
+            f"L={length}: {s['examples']} examples, {s['tokens']} tokens (mean {s['mean']:.1f}, max {s['max']}), "
+            f"{s['trained']} trained targets"
+        )
+    print(
+        "\n| max len | variant | examples/step | positions/step | padding | tokens/s | trained tokens/s "
+        "| vs pad-to-max | peak RSS MiB | trained targets timed |"
+    )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     summary = []
     for length in a.lengths:
@@ -208,9 +275,11 @@ def print_table(a, stats, variants, results) -> None:
             c, n = r["counts"], r["steps"]
             ratio = f"{r['trained_per_s'] / base['trained_per_s']:.1f}x" if base else "-"
             rss = max(x["peak_rss_mib"] for x in results[(length, v)] if "error" not in x)
-            print(f"| {length} | {v} | {c['examples'] / n:.1f} | {c['computed'] / n:.0f} "
-                  f"| {(c['computed'] - c['tokens']) / c['computed']:.1%} | {r['tokens_per_s']:,.0f} "
-                  f"| {r['trained_per_s']:,.0f} | {ratio} | {rss:,.0f} | {c['trained']:,} |")
+            print(
+                f"| {length} | {v} | {c['examples'] / n:.1f} | {c['computed'] / n:.0f} "
+                f"| {(c['computed'] - c['tokens']) / c['computed']:.1%} | {r['tokens_per_s']:,.0f} "
+                f"| {r['trained_per_s']:,.0f} | {ratio} | {rss:,.0f} | {c['trained']:,} |"
+            )
         default = best(results.get((length, "padding-free"), []))
         trl = [(v, best(results.get((length, v), []))) for v in variants if v.split(":")[0] in TRL_VARIANTS]
         trl = [(v, r) for v, r in trl if r is not None]
@@ -233,8 +302,11 @@ def print_table(a, stats, variants, results) -> None:
 
 def rates(r: dict) -> dict:
     seconds = sum(r["step_seconds"])
-    return {"seconds": seconds, "tokens_per_s": r["counts"]["tokens"] / seconds,
-            "trained_per_s": r["counts"]["trained"] / seconds}
+    return {
+        "seconds": seconds,
+        "tokens_per_s": r["counts"]["tokens"] / seconds,
+        "trained_per_s": r["counts"]["trained"] / seconds,
+    }
 
 
 def best(rs: list[dict]):
@@ -243,7 +315,9 @@ def best(rs: list[dict]):
     ok = [r for r in rs if "error" not in r]
     if not ok:
         return None
-    if any(r["counts"] != ok[0]["counts"] or len(r["step_seconds"]) != len(ok[0]["step_seconds"]) for r in ok):
+    if any(
+        r["counts"] != ok[0]["counts"] or len(r["step_seconds"]) != len(ok[0]["step_seconds"]) for r in ok
+    ):
         return max(ok, key=lambda r: r["trained_per_s"])  # not the same batches: the fastest round
     combined = {**ok[0], "step_seconds": [min(t) for t in zip(*(r["step_seconds"] for r in ok))]}
     return {**combined, **rates(combined)}
@@ -255,11 +329,11 @@ def best(rs: list[dict]):
 def chatsft_data(model_dir: Path, data: str, length: int, cache: Path):
     from chatsft.data import build_datasets
     from chatsft.encode import Encoder
-    from chatsft.model import prepare_tokenizer
     from chatsft.records import ReadPolicy
     from chatsft.templates import get_template
+    from chatsft.tokenizer import prepare_tokenizer
 
-    tokenizer, _, _, _ = prepare_tokenizer(model_dir, model_max_length=length)
+    tokenizer = prepare_tokenizer(model_dir, model_max_length=length).tokenizer
     template, _ = get_template(TEMPLATE, tokenizer)
     encoder = Encoder(template, tokenizer, "assistant_turns", length)
     split = build_datasets(encoder, [data], seed=SEED, num_workers=1, cache_dir=cache, policy=ReadPolicy())
@@ -280,7 +354,7 @@ def worker(a) -> None:
     torch.set_num_threads(a.threads)
     from transformers import TrainerCallback
 
-    from chatsft.metrics import TokenMeter
+    from chatsft.training.metrics import TokenMeter
 
     meter = TokenMeter()
     window = {}
@@ -318,17 +392,32 @@ def worker(a) -> None:
     else:
         trainer.train()
     ends, counts = window["ends"], window["counts"]
-    out.update(counts=counts, step_seconds=[b - e for e, b in zip(ends, ends[1:])],
-               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out.update(
+        counts=counts,
+        step_seconds=[b - e for e, b in zip(ends, ends[1:])],
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     out.update(rates(out))
     print(json.dumps(out))
 
 
 def training_args(cls, a, workdir: Path, **extra):
-    return cls(output_dir=str(workdir / f"out-{a.worker}-{a.length}"), per_device_train_batch_size=extra.pop(
-        "batch", a.batch), max_steps=a.warmup + a.steps, learning_rate=2e-5, optim=a.optim, use_cpu=True,
-        report_to="none", logging_steps=100_000, save_strategy="no", disable_tqdm=True, seed=SEED, data_seed=SEED,
-        dataloader_num_workers=0, **extra)
+    return cls(
+        output_dir=str(workdir / f"out-{a.worker}-{a.length}"),
+        per_device_train_batch_size=extra.pop("batch", a.batch),
+        max_steps=a.warmup + a.steps,
+        learning_rate=2e-5,
+        optim=a.optim,
+        use_cpu=True,
+        report_to="none",
+        logging_steps=100_000,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=SEED,
+        data_seed=SEED,
+        dataloader_num_workers=0,
+        **extra,
+    )
 
 
 def build_chatsft(a, workdir: Path, count, window):
@@ -336,10 +425,10 @@ def build_chatsft(a, workdir: Path, count, window):
     from transformers import Trainer
 
     from chatsft.collate import IGNORE_INDEX, STATS_KEY, PackedCollator, PackedDataset, PadCollator
-    from chatsft.config import TrainingArguments
-    from chatsft.metrics import CountingCollator
-    from chatsft.model import load_model_for
-    from chatsft.trainer import ChatTrainer
+    from chatsft.training.config import TrainingArguments
+    from chatsft.training.metrics import CountingCollator
+    from chatsft.training.model import load_model_for
+    from chatsft.training.trainer import ChatTrainer
 
     model_dir = workdir / "model"
     split, tokenizer, _ = chatsft_data(model_dir, a.data, a.length, workdir / "cache")
@@ -373,8 +462,15 @@ def build_chatsft(a, workdir: Path, count, window):
             train, batch = PackedDataset(split.train, a.length, lengths=split.train["length"]), 1
         trainer_cls, kwargs = ChatTrainer, {"meter": _Meter(count)}
     args = training_args(TrainingArguments, a, workdir, model_max_length=a.length, batch=batch)
-    trainer = trainer_cls(model=model, args=args, train_dataset=train, data_collator=CountingCollator(base),
-                          processing_class=tokenizer, callbacks=[window], **kwargs)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=CountingCollator(base),
+        processing_class=tokenizer,
+        callbacks=[window],
+        **kwargs,
+    )
     return trainer, None
 
 
@@ -408,20 +504,32 @@ def build_trl(a, workdir: Path, count, window):
     conversations, _ = read_conversations([a.data], ReadPolicy())
     rows = []
     for conv in conversations:
-        (_, messages, _), = encoder.views(conv)  # drops a trailing user turn, as chatsft does
-        rows.append({"id": conv.id, "messages": [{"role": m["role"], "content": m["content"]} for m in messages]})
+        ((_, messages, _),) = encoder.views(conv)  # drops a trailing user turn, as chatsft does
+        rows.append(
+            {"id": conv.id, "messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+        )
     # the generation template must render exactly chatsft's vicuna_v1.1 text
     mismatched = sum(
         tokenizer.apply_chat_template(r["messages"], tokenize=False)
         != render_text(encoder.template, r["messages"], bos=tokenizer.bos_token, eos=tokenizer.eos_token)
-        for r in rows)
+        for r in rows
+    )
     dataset = datasets.Dataset.from_list(rows)
     packing = a.worker == "trl-packing"
     config = training_args(
-        SFTConfig, a, workdir, batch=1 if packing else a.batch, bf16=False, gradient_checkpointing=False,
-        assistant_only_loss=True, padding_free=True, packing=packing, packing_strategy="bfd",
+        SFTConfig,
+        a,
+        workdir,
+        batch=1 if packing else a.batch,
+        bf16=False,
+        gradient_checkpointing=False,
+        assistant_only_loss=True,
+        padding_free=True,
+        packing=packing,
+        packing_strategy="bfd",
         max_length=a.length if packing else None,  # TRL refuses max_length with padding_free alone
-        remove_unused_columns=True)
+        remove_unused_columns=True,
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_cache=False)
     model.config.use_cache = False
 
@@ -431,15 +539,18 @@ def build_trl(a, workdir: Path, count, window):
                 count(_cpu_stats(inputs))
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    trainer = CountingSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                 callbacks=[window])
+    trainer = CountingSFTTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[window]
+    )
     # same tokens? compare TRL's prepared examples with chatsft's encoded ones
     ours = {ex["id"]: ex for ex in split.train}
     ours_trained = sum(sum(1 for y in ex["labels"] if y != -100) for ex in split.train)
     prepared = trainer.train_dataset
     theirs_trained = sum(sum(1 for y in ex["labels"] if y != -100) for ex in prepared)
-    check = (f"template renders chatsft's text for {len(rows) - mismatched}/{len(rows)} conversations; "
-             f"trained tokens in the prepared dataset: TRL {theirs_trained}, chatsft {ours_trained}")
+    check = (
+        f"template renders chatsft's text for {len(rows) - mismatched}/{len(rows)} conversations; "
+        f"trained tokens in the prepared dataset: TRL {theirs_trained}, chatsft {ours_trained}"
+    )
     if not packing:
         same_ids = same_labels = 0
         for r, ex in zip(rows, prepared):
@@ -452,10 +563,11 @@ def build_trl(a, workdir: Path, count, window):
 
 
 def _cpu_stats(inputs):
-    from chatsft.metrics import batch_stats
+    from chatsft.training.metrics import batch_stats
 
-    return batch_stats({k: inputs[k] for k in ("input_ids", "labels", "attention_mask", "position_ids")
-                        if k in inputs})
+    return batch_stats(
+        {k: inputs[k] for k in ("input_ids", "labels", "attention_mask", "position_ids") if k in inputs}
+    )
 
 
 if __name__ == "__main__":

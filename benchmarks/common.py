@@ -40,4 +40,3 @@ def make_data(source: Path, n: int, dest: Path) -> Path:
         out.append(record)
     dest.write_text(json.dumps(out, ensure_ascii=False), encoding="utf-8")
     return dest
-

@@ -1,4 +1,4 @@
-"""Generate the small ShareGPT sample that ships inside the package (src/chatsft/data/).
+"""Generate the small ShareGPT sample that ships inside the package (src/chatsft/assets/).
 
 The conversations are deliberately simple and regular: a handful of task families (capitals, small
 additions, colours, opposites, spelling, counting, word translation, greetings, identity, thanks and
@@ -45,35 +45,95 @@ GREETING_REPLY = "Hello! How can I help you today?"
 
 # ----------------------------------------------------------------------------------------------- English data
 CAPITALS = [
-    ("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Japan", "Tokyo"),
-    ("China", "Beijing"), ("Portugal", "Lisbon"), ("Canada", "Ottawa"), ("Egypt", "Cairo"),
-    ("Russia", "Moscow"), ("Greece", "Athens"), ("Mexico", "Mexico City"),
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Germany", "Berlin"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("Portugal", "Lisbon"),
+    ("Canada", "Ottawa"),
+    ("Egypt", "Cairo"),
+    ("Russia", "Moscow"),
+    ("Greece", "Athens"),
+    ("Mexico", "Mexico City"),
 ]
 COLOURS = [
-    ("the sky", "blue"), ("grass", "green"), ("a banana", "yellow"), ("snow", "white"), ("coal", "black"),
-    ("a tomato", "red"), ("an orange", "orange"), ("a carrot", "orange"), ("milk", "white"),
-    ("a strawberry", "red"), ("chocolate", "brown"), ("a frog", "green"),
+    ("the sky", "blue"),
+    ("grass", "green"),
+    ("a banana", "yellow"),
+    ("snow", "white"),
+    ("coal", "black"),
+    ("a tomato", "red"),
+    ("an orange", "orange"),
+    ("a carrot", "orange"),
+    ("milk", "white"),
+    ("a strawberry", "red"),
+    ("chocolate", "brown"),
+    ("a frog", "green"),
 ]
 OPPOSITES = [
-    ("hot", "cold"), ("big", "small"), ("up", "down"), ("day", "night"), ("fast", "slow"),
-    ("happy", "sad"), ("old", "young"), ("open", "closed"), ("wet", "dry"), ("full", "empty"),
-    ("early", "late"), ("loud", "quiet"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("up", "down"),
+    ("day", "night"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("old", "young"),
+    ("open", "closed"),
+    ("wet", "dry"),
+    ("full", "empty"),
+    ("early", "late"),
+    ("loud", "quiet"),
 ]
 SPELL_WORDS = [
-    "cat", "dog", "sun", "book", "tree", "fish", "bird", "milk", "red", "blue", "house", "apple", "green",
-    "water", "moon", "star",
+    "cat",
+    "dog",
+    "sun",
+    "book",
+    "tree",
+    "fish",
+    "bird",
+    "milk",
+    "red",
+    "blue",
+    "house",
+    "apple",
+    "green",
+    "water",
+    "moon",
+    "star",
 ]
 TRANSLATIONS = {  # English word -> (French, Spanish, German)
-    "cat": ("chat", "gato", "Katze"), "dog": ("chien", "perro", "Hund"), "house": ("maison", "casa", "Haus"),
-    "water": ("eau", "agua", "Wasser"), "bread": ("pain", "pan", "Brot"), "apple": ("pomme", "manzana", "Apfel"),
-    "book": ("livre", "libro", "Buch"), "sun": ("soleil", "sol", "Sonne"),
+    "cat": ("chat", "gato", "Katze"),
+    "dog": ("chien", "perro", "Hund"),
+    "house": ("maison", "casa", "Haus"),
+    "water": ("eau", "agua", "Wasser"),
+    "bread": ("pain", "pan", "Brot"),
+    "apple": ("pomme", "manzana", "Apfel"),
+    "book": ("livre", "libro", "Buch"),
+    "sun": ("soleil", "sol", "Sonne"),
 }
 TRANSLATION_LANGS = ["French", "Spanish", "German"]
 PLUS_RANGE = range(1, 6)  # small operands, so each sum is seen several times
-GREETINGS = ["Hello!", "Hi!", "Hey!", "Hi there!", "Hello there!", "Good morning!", "Good afternoon!",
-             "Good evening!", "Hey there!"]
-IDENTITY_QUESTIONS = ["Who are you?", "What is your name?", "What are you?", "Tell me about yourself.",
-                      "Introduce yourself."]
+GREETINGS = [
+    "Hello!",
+    "Hi!",
+    "Hey!",
+    "Hi there!",
+    "Hello there!",
+    "Good morning!",
+    "Good afternoon!",
+    "Good evening!",
+    "Hey there!",
+]
+IDENTITY_QUESTIONS = [
+    "Who are you?",
+    "What is your name?",
+    "What are you?",
+    "Tell me about yourself.",
+    "Introduce yourself.",
+]
 THANKS = ["Thank you!", "Thanks!", "Thanks a lot!", "Thank you very much!"]
 GOODBYES = ["Goodbye!", "Bye!", "See you later!", "Bye bye!"]
 
@@ -83,37 +143,74 @@ GOODBYES = ["Goodbye!", "Bye!", "See you later!", "Bye bye!"]
 FOREIGN = {
     "fr": dict(
         greet=(["Bonjour !", "Salut !"], "Bonjour ! Comment puis-je vous aider aujourd'hui ?"),
-        identity=(["Qui es-tu ?", "Comment t'appelles-tu ?"],
-                  "Je suis chatsft-demo, un petit assistant entraîné avec chatsft."),
+        identity=(
+            ["Qui es-tu ?", "Comment t'appelles-tu ?"],
+            "Je suis chatsft-demo, un petit assistant entraîné avec chatsft.",
+        ),
         thanks=(["Merci !", "Merci beaucoup !"], "De rien !"),
         bye=(["Au revoir !"], "Au revoir ! Bonne journée."),
-        capital=("Quelle est la capitale {of} ?", "La capitale {of} est {cap}.", "Et {of} ?",
-                 [("de la France", "Paris"), ("de l'Italie", "Rome"), ("de l'Espagne", "Madrid"),
-                  ("de l'Allemagne", "Berlin"), ("du Japon", "Tokyo"), ("du Portugal", "Lisbonne"),
-                  ("du Canada", "Ottawa")]),
+        capital=(
+            "Quelle est la capitale {of} ?",
+            "La capitale {of} est {cap}.",
+            "Et {of} ?",
+            [
+                ("de la France", "Paris"),
+                ("de l'Italie", "Rome"),
+                ("de l'Espagne", "Madrid"),
+                ("de l'Allemagne", "Berlin"),
+                ("du Japon", "Tokyo"),
+                ("du Portugal", "Lisbonne"),
+                ("du Canada", "Ottawa"),
+            ],
+        ),
         plus=("Combien font {a} plus {b} ?", "Et {a} plus {b} ?", "{a} plus {b} font {c}."),
     ),
     "es": dict(
         greet=(["¡Hola!", "¡Buenos días!"], "¡Hola! ¿En qué puedo ayudarte hoy?"),
-        identity=(["¿Quién eres?", "¿Cómo te llamas?"],
-                  "Soy chatsft-demo, un pequeño asistente entrenado con chatsft."),
+        identity=(
+            ["¿Quién eres?", "¿Cómo te llamas?"],
+            "Soy chatsft-demo, un pequeño asistente entrenado con chatsft.",
+        ),
         thanks=(["¡Gracias!", "¡Muchas gracias!"], "¡De nada!"),
         bye=(["¡Adiós!"], "¡Adiós! Que tengas un buen día."),
-        capital=("¿Cuál es la capital de {of}?", "La capital de {of} es {cap}.", "¿Y de {of}?",
-                 [("Francia", "París"), ("Italia", "Roma"), ("España", "Madrid"), ("Alemania", "Berlín"),
-                  ("Japón", "Tokio"), ("Portugal", "Lisboa"), ("México", "Ciudad de México")]),
+        capital=(
+            "¿Cuál es la capital de {of}?",
+            "La capital de {of} es {cap}.",
+            "¿Y de {of}?",
+            [
+                ("Francia", "París"),
+                ("Italia", "Roma"),
+                ("España", "Madrid"),
+                ("Alemania", "Berlín"),
+                ("Japón", "Tokio"),
+                ("Portugal", "Lisboa"),
+                ("México", "Ciudad de México"),
+            ],
+        ),
         plus=("¿Cuánto es {a} más {b}?", "¿Y {a} más {b}?", "{a} más {b} es {c}."),
     ),
     "de": dict(
         greet=(["Hallo!", "Guten Tag!"], "Hallo! Wie kann ich dir heute helfen?"),
-        identity=(["Wer bist du?", "Wie heißt du?"],
-                  "Ich bin chatsft-demo, ein kleiner Assistent, der mit chatsft trainiert wurde."),
+        identity=(
+            ["Wer bist du?", "Wie heißt du?"],
+            "Ich bin chatsft-demo, ein kleiner Assistent, der mit chatsft trainiert wurde.",
+        ),
         thanks=(["Danke!", "Vielen Dank!"], "Gern geschehen!"),
         bye=(["Tschüss!", "Auf Wiedersehen!"], "Tschüss! Einen schönen Tag noch."),
-        capital=("Was ist die Hauptstadt von {of}?", "Die Hauptstadt von {of} ist {cap}.", "Und von {of}?",
-                 [("Frankreich", "Paris"), ("Italien", "Rom"), ("Spanien", "Madrid"),
-                  ("Deutschland", "Berlin"), ("Japan", "Tokio"), ("Portugal", "Lissabon"),
-                  ("Österreich", "Wien")]),
+        capital=(
+            "Was ist die Hauptstadt von {of}?",
+            "Die Hauptstadt von {of} ist {cap}.",
+            "Und von {of}?",
+            [
+                ("Frankreich", "Paris"),
+                ("Italien", "Rom"),
+                ("Spanien", "Madrid"),
+                ("Deutschland", "Berlin"),
+                ("Japan", "Tokio"),
+                ("Portugal", "Lissabon"),
+                ("Österreich", "Wien"),
+            ],
+        ),
         plus=("Was ist {a} plus {b}?", "Und {a} plus {b}?", "{a} plus {b} ist {c}."),
     ),
     "zh": dict(
@@ -121,25 +218,55 @@ FOREIGN = {
         identity=(["你是谁？", "你叫什么名字？"], "我是chatsft-demo，一个用chatsft训练的小助手。"),
         thanks=(["谢谢！", "非常感谢！"], "不客气！"),
         bye=(["再见！"], "再见！祝你有美好的一天。"),
-        capital=("{of}的首都是哪里？", "{of}的首都是{cap}。", "那{of}呢？",
-                 [("法国", "巴黎"), ("意大利", "罗马"), ("西班牙", "马德里"), ("德国", "柏林"),
-                  ("日本", "东京"), ("中国", "北京"), ("英国", "伦敦")]),
+        capital=(
+            "{of}的首都是哪里？",
+            "{of}的首都是{cap}。",
+            "那{of}呢？",
+            [
+                ("法国", "巴黎"),
+                ("意大利", "罗马"),
+                ("西班牙", "马德里"),
+                ("德国", "柏林"),
+                ("日本", "东京"),
+                ("中国", "北京"),
+                ("英国", "伦敦"),
+            ],
+        ),
         plus=("{a}加{b}等于多少？", "那{a}加{b}呢？", "{a}加{b}等于{c}。"),
     ),
     "ja": dict(
         greet=(["こんにちは！", "おはようございます！"], "こんにちは！今日はどのようなご用件ですか？"),
-        identity=(["あなたは誰ですか？", "お名前は何ですか？"],
-                  "私はchatsft-demoです。chatsftで訓練された小さなアシスタントです。"),
+        identity=(
+            ["あなたは誰ですか？", "お名前は何ですか？"],
+            "私はchatsft-demoです。chatsftで訓練された小さなアシスタントです。",
+        ),
         thanks=(["ありがとう！", "ありがとうございます！"], "どういたしまして！"),
         bye=(["さようなら！"], "さようなら！良い一日を。"),
-        capital=("{of}の首都はどこですか？", "{of}の首都は{cap}です。", "{of}は？",
-                 [("フランス", "パリ"), ("イタリア", "ローマ"), ("スペイン", "マドリード"), ("ドイツ", "ベルリン"),
-                  ("日本", "東京"), ("中国", "北京"), ("イギリス", "ロンドン")]),
+        capital=(
+            "{of}の首都はどこですか？",
+            "{of}の首都は{cap}です。",
+            "{of}は？",
+            [
+                ("フランス", "パリ"),
+                ("イタリア", "ローマ"),
+                ("スペイン", "マドリード"),
+                ("ドイツ", "ベルリン"),
+                ("日本", "東京"),
+                ("中国", "北京"),
+                ("イギリス", "ロンドン"),
+            ],
+        ),
         plus=("{a}足す{b}はいくつですか？", "{a}足す{b}は？", "{a}足す{b}は{c}です。"),
     ),
 }
-LANG_NAMES = {"en": "English", "fr": "French", "es": "Spanish", "de": "German", "zh": "Chinese",
-              "ja": "Japanese"}
+LANG_NAMES = {
+    "en": "English",
+    "fr": "French",
+    "es": "Spanish",
+    "de": "German",
+    "zh": "Chinese",
+    "ja": "Japanese",
+}
 
 # ------------------------------------------------------------------------------------------- system prompts
 # Each style visibly changes every reply; "plain" is the common real-world prompt that changes nothing.
@@ -193,12 +320,13 @@ class English:
             q = self.rng.choice(["And of {c}?", "What about {c}?"]).format(c=country)
         else:
             q = self.rng.choice(["What is the capital of {c}?"] * 3 + ["What's the capital of {c}?"]).format(
-                c=country)
+                c=country
+            )
         return Exchange("capital", q, f"The capital of {country} is {city}.", f"{city}.")
 
     def _plus(self, follow: bool) -> Exchange:
         a, b = self._pick_new("plus", [(a, b) for a in PLUS_RANGE for b in PLUS_RANGE])
-        q = (f"And {a} plus {b}?" if follow else f"What is {a} plus {b}?")
+        q = f"And {a} plus {b}?" if follow else f"What is {a} plus {b}?"
         return Exchange("plus", q, f"{a} plus {b} is {a + b}.", f"{a + b}.")
 
     def _colour(self, follow: bool) -> Exchange:
@@ -246,7 +374,9 @@ class English:
             q = f"And {word}?"
         else:
             word, lang = self.rng.choice(list(TRANSLATIONS)), self.rng.choice(TRANSLATION_LANGS)
-            q = self.rng.choice(["How do you say {w} in {l}?", "Translate {w} into {l}."]).format(w=word, l=lang)
+            q = self.rng.choice(["How do you say {w} in {l}?", "Translate {w} into {l}."]).format(
+                w=word, l=lang
+            )
         self.state["translate"] = (word, lang)
         t = TRANSLATIONS[word][TRANSLATION_LANGS.index(lang)]
         return Exchange("translate", q, f"In {lang}, {word} is {t}.", f"{_cap_first(t)}.")
@@ -285,8 +415,17 @@ def style_reply(style: str, ex: Exchange) -> str:
 
 # ------------------------------------------------------------------------------------- conversation shapes
 TURN_WEIGHTS = {1: 30, 2: 22, 3: 16, 4: 12, 5: 8, 6: 6, 7: 4, 8: 2}
-PRIMARY_WEIGHTS = {"capital": 18, "plus": 14, "colour": 11, "opposite": 11, "spell": 10, "count": 10,
-                   "translate": 10, "greeting": 8, "identity": 8}
+PRIMARY_WEIGHTS = {
+    "capital": 18,
+    "plus": 14,
+    "colour": 11,
+    "opposite": 11,
+    "spell": 10,
+    "count": 10,
+    "translate": 10,
+    "greeting": 8,
+    "identity": 8,
+}
 
 
 def english_exchanges(rng: random.Random, families: list[str], primary: str) -> list[Exchange]:
@@ -339,8 +478,9 @@ def foreign_exchanges(rng: random.Random, lang: str, primary: str) -> list[Excha
         q_t, f_t, a_t = data["plus"]
         a, b = rng.choice([(a, b) for a in PLUS_RANGE for b in PLUS_RANGE if (a, b) != last.get(family)])
         last[family] = (a, b)
-        return Exchange(family, (f_t if follow else q_t).format(a=a, b=b), a_t.format(a=a, b=b, c=a + b),
-                        str(a + b))
+        return Exchange(
+            family, (f_t if follow else q_t).format(a=a, b=b), a_t.format(a=a, b=b, c=a + b), str(a + b)
+        )
 
     out: list[Exchange] = []
     if primary == "greeting" or (n >= 3 and rng.random() < 0.5):
@@ -476,8 +616,7 @@ def report(stats: dict) -> str:
         "",
         "Records by language:",
         "",
-        *_table(("language", "records"),
-                [(LANG_NAMES[k], v) for k, v in stats["by_language"].most_common()]),
+        *_table(("language", "records"), [(LANG_NAMES[k], v) for k, v in stats["by_language"].most_common()]),
         "",
         "Records by system prompt:",
         "",
@@ -576,7 +715,7 @@ DEMO_EXPECTED = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_out = Path(__file__).resolve().parent.parent / "src" / "chatsft" / "data"
+    default_out = Path(__file__).resolve().parent.parent / "src" / "chatsft" / "assets"
     parser.add_argument("--out-dir", type=Path, default=default_out)
     args = parser.parse_args()
 

@@ -20,13 +20,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "train_driver.py"
 # One thread per process: the same arithmetic in every launch, and two ranks fit on two cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-       "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
 LAUNCH_TIMEOUT = 180
 LOGGED = ("step", "loss", "grad_norm", "learning_rate", "epoch")  # what must match between runs (not timings)
 
-COUNTRIES = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Peru", "Lima"),
-             ("Egypt", "Cairo"), ("Chile", "Santiago"), ("Kenya", "Nairobi")]
+COUNTRIES = [
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Japan", "Tokyo"),
+    ("Peru", "Lima"),
+    ("Egypt", "Cairo"),
+    ("Chile", "Santiago"),
+    ("Kenya", "Nairobi"),
+]
 
 
 @dataclass
@@ -43,7 +57,10 @@ def conversations(n: int) -> list[dict]:
         other, other_city = COUNTRIES[(i + 3) % len(COUNTRIES)]
         turns = [{"from": "human", "value": f"Capital of {country}?"}, {"from": "gpt", "value": f"{city}."}]
         if i % 2:
-            turns += [{"from": "human", "value": f"And {other}?"}, {"from": "gpt", "value": f"It is {other_city}."}]
+            turns += [
+                {"from": "human", "value": f"And {other}?"},
+                {"from": "gpt", "value": f"It is {other_city}."},
+            ]
         out.append({"id": f"c{i}", "conversations": turns})
     return out
 
@@ -56,12 +73,13 @@ def make_setup(root: Path, *, dropout: float, n: int = 32, bad_records: int = 0)
     """
     from chatsft.records import read_conversations
     from chatsft.templates import get_template, render_text
-    from chatsft.tiny import build_model, build_tokenizer
+    from chatsft.training.tiny import build_model, build_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     data = root / "data.json"
-    records = conversations(n) + [{"id": f"bad{i}", "conversations": [{"from": "human", "value": "?"}]}
-                                  for i in range(bad_records)]
+    records = conversations(n) + [
+        {"id": f"bad{i}", "conversations": [{"from": "human", "value": "?"}]} for i in range(bad_records)
+    ]
     data.write_text(json.dumps(records))
     template, _ = get_template("vicuna_v1.1")
     convs, _ = read_conversations([data])
@@ -75,17 +93,58 @@ def make_setup(root: Path, *, dropout: float, n: int = 32, bad_records: int = 0)
     return Setup(root, base, data)
 
 
-def train_flags(setup: Setup, out: Path, *, cache: Path, max_steps: int, batch: int = 2, accumulation: int,
-                save_steps: int, cpu: bool = True, extra: tuple[str, ...] = ()) -> list[str]:
+def train_flags(
+    setup: Setup,
+    out: Path,
+    *,
+    cache: Path,
+    max_steps: int,
+    batch: int = 2,
+    accumulation: int,
+    save_steps: int,
+    cpu: bool = True,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
     """Flags of one run; `cpu` adds `--use_cpu True` (also where a GPU is visible: the CPU tests compare runs
     exactly, and torchrun on CPU needs it)."""
-    return ["--model_name_or_path", str(setup.base), "--data_path", str(setup.data), "--output_dir", str(out),
-            "--conv_template", "vicuna_v1.1", "--model_max_length", "256", "--max_steps", str(max_steps),
-            "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation),
-            "--learning_rate", "1e-2", "--logging_steps", "1", "--save_steps", str(save_steps),
-            "--report_to", "none", "--seed", "0", "--data_seed", "0", "--cache_dir", str(cache),
-            "--disable_tqdm", "True", "--preprocessing_num_workers", "1", *(["--use_cpu", "True"] if cpu else []),
-            *extra]
+    return [
+        "--model_name_or_path",
+        str(setup.base),
+        "--data_path",
+        str(setup.data),
+        "--output_dir",
+        str(out),
+        "--conv_template",
+        "vicuna_v1.1",
+        "--model_max_length",
+        "256",
+        "--max_steps",
+        str(max_steps),
+        "--per_device_train_batch_size",
+        str(batch),
+        "--gradient_accumulation_steps",
+        str(accumulation),
+        "--learning_rate",
+        "1e-2",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        str(save_steps),
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--data_seed",
+        "0",
+        "--cache_dir",
+        str(cache),
+        "--disable_tqdm",
+        "True",
+        "--preprocessing_num_workers",
+        "1",
+        *(["--use_cpu", "True"] if cpu else []),
+        *extra,
+    ]
 
 
 def free_port() -> int:
@@ -100,8 +159,16 @@ def command(flags: list[str], *, driver: list[str] | None = None, nproc: int = 1
     target = [str(DRIVER), *driver, "--", *flags] if driver is not None else ["-m", "chatsft.train", *flags]
     if nproc == 1:
         return [sys.executable, *target]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *target]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--nnodes=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *target,
+    ]
 
 
 class Launch:
@@ -110,8 +177,9 @@ class Launch:
     def __init__(self, cmd: list[str], log: Path):
         self.log = log
         self._file = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._file, stderr=subprocess.STDOUT, env=ENV,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._file, stderr=subprocess.STDOUT, env=ENV, start_new_session=True
+        )
 
     def __enter__(self):
         return self
@@ -127,7 +195,9 @@ class Launch:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill_group()
-            raise AssertionError(f"{self.log.name}: no exit within {timeout} s\n{self.output()[-3000:]}") from None
+            raise AssertionError(
+                f"{self.log.name}: no exit within {timeout} s\n{self.output()[-3000:]}"
+            ) from None
         finally:
             self._file.close()
 
@@ -136,10 +206,13 @@ class Launch:
         end = time.monotonic() + timeout
         while not condition():
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.log.name}: exited ({self.proc.returncode}) before {what}\n"
-                                     f"{self.output()[-3000:]}")
+                raise AssertionError(
+                    f"{self.log.name}: exited ({self.proc.returncode}) before {what}\n{self.output()[-3000:]}"
+                )
             if time.monotonic() > end:
-                raise AssertionError(f"{self.log.name}: no {what} within {timeout} s\n{self.output()[-3000:]}")
+                raise AssertionError(
+                    f"{self.log.name}: no {what} within {timeout} s\n{self.output()[-3000:]}"
+                )
             time.sleep(poll)
 
     def kill_group(self) -> None:

@@ -20,7 +20,12 @@ def mistral_tokenizer_dir(dest: Path, legacy: bool) -> Path:
     src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(src, dest / "tokenizer.model")
-    config = {"tokenizer_class": "LlamaTokenizer", "legacy": legacy, "add_bos_token": True, "add_eos_token": False}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "legacy": legacy,
+        "add_bos_token": True,
+        "add_eos_token": False,
+    }
     (dest / "tokenizer_config.json").write_text(json.dumps({**config, **MISTRAL_SPECIALS}))
     return dest
 
@@ -59,20 +64,28 @@ BPE_CORPUS = [
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
-    from chatsft.tiny import build_tokenizer
+    from chatsft.training.tiny import build_tokenizer
 
     return build_tokenizer(BPE_CORPUS, vocab_size=400)
 
 
 # Control markers of the built-in templates that the tiny tokenizer does not have by default.
-EXTRA_MARKERS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-                 "<reserved_102>", "<reserved_103>", "<reserved_106>", "<reserved_107>"]
+EXTRA_MARKERS = [
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<reserved_102>",
+    "<reserved_103>",
+    "<reserved_106>",
+    "<reserved_107>",
+]
 
 
 @pytest.fixture(scope="session")
 def bpe_all_markers():
     """Byte-level BPE holding every built-in template's control markers as special tokens."""
-    from chatsft.tiny import TINY_SPECIAL_TOKENS, build_tokenizer
+    from chatsft.training.tiny import TINY_SPECIAL_TOKENS, build_tokenizer
 
     return build_tokenizer(BPE_CORPUS, vocab_size=400, special_tokens=TINY_SPECIAL_TOKENS + EXTRA_MARKERS)
 

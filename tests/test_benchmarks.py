@@ -13,12 +13,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "src" / "chatsft" / "data" / "sample_conversations.json"
+SAMPLE = ROOT / "src" / "chatsft" / "assets" / "sample_conversations.json"
 
 
 def run(script: str, *args: str, cwd: Path) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=cwd,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -29,19 +34,51 @@ def table_rows(output: str) -> list[str]:
 
 @pytest.mark.slow
 def test_bench_train_prints_every_variant(tmp_path):
-    out = run("bench_train.py", "--data", str(SAMPLE), "--rounds", "1", "--lengths", "512", "--variants",
-              "pad-to-max", "dynamic", "padding-free", "packing", "--steps", "2", "--warmup", "1",
-              "--baseline-steps", "1", "1", "--workdir", str(tmp_path / "work"), cwd=tmp_path)
+    out = run(
+        "bench_train.py",
+        "--data",
+        str(SAMPLE),
+        "--rounds",
+        "1",
+        "--lengths",
+        "512",
+        "--variants",
+        "pad-to-max",
+        "dynamic",
+        "padding-free",
+        "packing",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--baseline-steps",
+        "1",
+        "1",
+        "--workdir",
+        str(tmp_path / "work"),
+        cwd=tmp_path,
+    )
     rows = table_rows(out)
-    assert [row.split("|")[2].strip() for row in rows[1:]] == ["pad-to-max", "dynamic", "padding-free", "packing"]
+    assert [row.split("|")[2].strip() for row in rows[1:]] == [
+        "pad-to-max",
+        "dynamic",
+        "padding-free",
+        "packing",
+    ]
     assert "L=512: padding-free (the default) real share 1.000" in out
 
 
 @pytest.mark.slow
 def test_bench_preprocess_prints_every_method(tmp_path):
     out = run("bench_preprocess.py", "200", "--rounds", "1", "--data", str(SAMPLE), cwd=tmp_path)
-    for method in ("raw fast tokenizer", "chatsft eager, cold cache", "chatsft eager, warm cache",
-                   "FastChat-style (slow SentencePiece)", "chatsft prepare (CLI in-process", "chatsft prepare (new"):
+    for method in (
+        "raw fast tokenizer",
+        "chatsft eager, cold cache",
+        "chatsft eager, warm cache",
+        "FastChat-style (slow SentencePiece)",
+        "chatsft prepare (CLI in-process",
+        "chatsft prepare (new",
+    ):
         assert any(line.startswith(method) for line in out.splitlines()), method
     assert "0 examples zeroed for a mismatch" in out
 
@@ -52,8 +89,23 @@ def test_bench_memory_records_and_loss_print_their_tables(tmp_path):
     assert [line.split()[0] for line in memory.splitlines()[-3:]] == ["eager,", "eager,", "lazy"]
     records = run("bench_records.py", "200", cwd=tmp_path)
     assert [line.split()[:2] for line in records.splitlines()[-2:]] == [[".json", "200"], [".jsonl", "200"]]
-    loss = run("bench_loss.py", "--repeats", "1", "--vocab", "2000", "--hidden", "32", "--layers", "1", "--batch",
-               "2", "--length", "64", cwd=tmp_path)
+    loss = run(
+        "bench_loss.py",
+        "--repeats",
+        "1",
+        "--vocab",
+        "2000",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--batch",
+        "2",
+        "--length",
+        "64",
+        cwd=tmp_path,
+    )
     assert [row.split("|")[1].strip() for row in table_rows(loss)[1:]] == [
-        "model loss (all positions)", "causal_lm_loss (trained only)"
+        "model loss (all positions)",
+        "causal_lm_loss (trained only)",
     ]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from chatsft import checkpoint as ck
-from chatsft import final as fin
 from chatsft.errors import ConfigError
-from chatsft.plot import plot_loss
+from chatsft.training import checkpoint as ck
+from chatsft.training import final as fin
+from chatsft.training.plot import plot_loss
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 MESSAGES = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]
@@ -20,7 +20,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _tokenizer():
-    from chatsft.tiny import build_tokenizer
+    from chatsft.training.tiny import build_tokenizer
 
     return build_tokenizer(["hello there, how are you? user assistant system"] * 10, vocab_size=300)
 
@@ -29,7 +29,7 @@ def _trainer(tok, out: Path, max_steps: int = 10, model=None, callbacks=(), save
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from chatsft.tiny import build_model
+    from chatsft.training.tiny import build_model
 
     g = torch.Generator().manual_seed(0)
     data = []
@@ -191,7 +191,9 @@ def test_unmarked_whole_checkpoints_stop_a_fresh_start_and_can_be_adopted(run_co
     assert ck.unmarked_checkpoint_problem(run_copy / "checkpoint-10") == (
         "optimizer.pt is not a whole torch file (cut off?)"
     )
-    with pytest.raises(ConfigError, match="it has no chatsft-complete.json and optimizer.pt is not a whole torch"):
+    with pytest.raises(
+        ConfigError, match="it has no chatsft-complete.json and optimizer.pt is not a whole torch"
+    ):
         ck.choose_resume(run_copy, str(run_copy / "checkpoint-10"))
     with pytest.raises(ConfigError, match="holds checkpoint-8,"):
         ck.choose_resume(run_copy)
@@ -355,7 +357,7 @@ def test_a_peft_model_saves_its_adapter_and_a_verified_merged_model(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from chatsft.tiny import build_model
+    from chatsft.training.tiny import build_model
 
     tok = _tokenizer()
     peft_model = get_peft_model(
@@ -391,7 +393,7 @@ def test_plot_loss_with_no_points_never_touches_pyplot(tmp_path):
     import sys
 
     code = (
-        "import sys, chatsft.plot as p; assert 'matplotlib' not in sys.modules; "
+        "import sys, chatsft.training.plot as p; assert 'matplotlib' not in sys.modules; "
         f"p.plot_loss([], {str(tmp_path / 'empty.png')!r}); assert 'matplotlib.pyplot' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -148,8 +148,14 @@ def _tiny_llama(attn: str, vocab: int = 97):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation=attn,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
@@ -160,7 +166,7 @@ def _random_examples(vocab: int = 97):
     out = []
     for n in (6, 1, 9, 4):
         ids = torch.randint(3, vocab, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [X] * (n // 2) + ids[n // 2:]})
+        out.append({"input_ids": ids, "labels": [X] * (n // 2) + ids[n // 2 :]})
     return out
 
 
@@ -174,7 +180,7 @@ def test_packed_examples_are_isolated(attn):
         start = 0
         for ex in examples:
             alone = model(input_ids=torch.tensor([ex["input_ids"]]), use_cache=False).logits[0]
-            torch.testing.assert_close(packed[start:start + len(ex["input_ids"])], alone, atol=1e-5, rtol=0)
+            torch.testing.assert_close(packed[start : start + len(ex["input_ids"])], alone, atol=1e-5, rtol=0)
             start += len(ex["input_ids"])
 
 
@@ -190,15 +196,15 @@ def test_packed_examples_leak_when_a_cache_is_used(attn):
     with torch.no_grad():
         leaky = model(**batch_inputs(batch)).logits[0]
         alone = model(input_ids=torch.tensor([examples[2]["input_ids"]]), use_cache=False).logits[0]
-    second = leaky[n0 + 1: n0 + 1 + len(examples[2]["input_ids"])]
+    second = leaky[n0 + 1 : n0 + 1 + len(examples[2]["input_ids"])]
     assert (second - alone).abs().max().item() > 1e-2
 
 
 def test_packed_loss_terms_equal_the_examples_alone(bpe_tokenizer):
-    """Per-token losses of a packed row (real tokenizer, chatsft.tiny model) are those of the examples alone,
+    """Per-token losses of a packed row (real tokenizer, chatsft.training.tiny model) are those of the examples alone,
     target for target, including examples whose first label is trained."""
-    from chatsft.loss import per_token_losses
-    from chatsft.tiny import build_model
+    from chatsft.training.loss import per_token_losses
+    from chatsft.training.tiny import build_model
 
     model = build_model(bpe_tokenizer, hidden_size=32, layers=2, heads=4).eval()
     texts = ["USER: What is the capital of France?", "ASSISTANT: Paris.", "Hello! How are you today?"]
@@ -209,9 +215,11 @@ def test_packed_loss_terms_equal_the_examples_alone(bpe_tokenizer):
         examples.append({"input_ids": ids, "labels": labels})
     with torch.no_grad():
         packed = per_token_losses(model, PackedCollator()(examples))
-        alone = torch.cat([
-            per_token_losses(model, {k: torch.tensor([e[k]]) for k in ("input_ids", "labels")})
-            for e in examples
-        ])
+        alone = torch.cat(
+            [
+                per_token_losses(model, {k: torch.tensor([e[k]]) for k in ("input_ids", "labels")})
+                for e in examples
+            ]
+        )
     assert packed.shape == alone.shape
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)

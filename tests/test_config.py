@@ -6,18 +6,57 @@ import json
 
 import pytest
 
-from chatsft.compat import translate_flags
-from chatsft.config import parse_args
 from chatsft.errors import ConfigError
+from chatsft.training.compat import translate_flags
+from chatsft.training.config import parse_args
 
 VICUNA_7B = [
-    "--model_name_or_path", "~/model_weights/llama-7b", "--data_path", "data/dummy_conversation.json",
-    "--bf16", "True", "--output_dir", "output_vicuna_7b", "--num_train_epochs", "3",
-    "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--gradient_accumulation_steps", "16",
-    "--evaluation_strategy", "no", "--save_strategy", "steps", "--save_steps", "1200", "--save_total_limit", "10",
-    "--learning_rate", "2e-5", "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine",
-    "--logging_steps", "1", "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
-    "--tf32", "True", "--model_max_length", "2048", "--gradient_checkpointing", "True", "--lazy_preprocess", "True",
+    "--model_name_or_path",
+    "~/model_weights/llama-7b",
+    "--data_path",
+    "data/dummy_conversation.json",
+    "--bf16",
+    "True",
+    "--output_dir",
+    "output_vicuna_7b",
+    "--num_train_epochs",
+    "3",
+    "--per_device_train_batch_size",
+    "2",
+    "--per_device_eval_batch_size",
+    "2",
+    "--gradient_accumulation_steps",
+    "16",
+    "--evaluation_strategy",
+    "no",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "1200",
+    "--save_total_limit",
+    "10",
+    "--learning_rate",
+    "2e-5",
+    "--weight_decay",
+    "0.",
+    "--warmup_ratio",
+    "0.03",
+    "--lr_scheduler_type",
+    "cosine",
+    "--logging_steps",
+    "1",
+    "--fsdp",
+    "full_shard auto_wrap",
+    "--fsdp_transformer_layer_cls_to_wrap",
+    "LlamaDecoderLayer",
+    "--tf32",
+    "True",
+    "--model_max_length",
+    "2048",
+    "--gradient_checkpointing",
+    "True",
+    "--lazy_preprocess",
+    "True",
 ]
 
 
@@ -61,15 +100,67 @@ def test_fastchat_vicuna_flags_land(gpu_like):
 
 # a FastChat train_lora.py command line (its docs' example), data and output swapped for local paths
 LORA_FLAGS = [
-    "--model_name_or_path", "lmsys/vicuna-7b-v1.5", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0.05",
-    "--data_path", "data/dummy_conversation.json", "--output_dir", "./checkpoints", "--num_train_epochs", "150",
-    "--fp16", "True", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2",
-    "--gradient_accumulation_steps", "1", "--evaluation_strategy", "steps", "--eval_steps", "100",
-    "--save_strategy", "steps", "--save_steps", "200", "--save_total_limit", "2", "--learning_rate", "2e-5",
-    "--weight_decay", "0.", "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--logging_strategy", "steps",
-    "--logging_steps", "1", "--tf32", "True", "--model_max_length", "2048", "--q_lora", "False",
-    "--gradient_checkpointing", "True", "--flash_attn", "False", "--lora_target_modules", "q_proj", "v_proj",
-    "--lora_weight_path", "", "--lora_bias", "none",
+    "--model_name_or_path",
+    "lmsys/vicuna-7b-v1.5",
+    "--lora_r",
+    "8",
+    "--lora_alpha",
+    "16",
+    "--lora_dropout",
+    "0.05",
+    "--data_path",
+    "data/dummy_conversation.json",
+    "--output_dir",
+    "./checkpoints",
+    "--num_train_epochs",
+    "150",
+    "--fp16",
+    "True",
+    "--per_device_train_batch_size",
+    "2",
+    "--per_device_eval_batch_size",
+    "2",
+    "--gradient_accumulation_steps",
+    "1",
+    "--evaluation_strategy",
+    "steps",
+    "--eval_steps",
+    "100",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "200",
+    "--save_total_limit",
+    "2",
+    "--learning_rate",
+    "2e-5",
+    "--weight_decay",
+    "0.",
+    "--warmup_ratio",
+    "0.03",
+    "--lr_scheduler_type",
+    "cosine",
+    "--logging_strategy",
+    "steps",
+    "--logging_steps",
+    "1",
+    "--tf32",
+    "True",
+    "--model_max_length",
+    "2048",
+    "--q_lora",
+    "False",
+    "--gradient_checkpointing",
+    "True",
+    "--flash_attn",
+    "False",
+    "--lora_target_modules",
+    "q_proj",
+    "v_proj",
+    "--lora_weight_path",
+    "",
+    "--lora_bias",
+    "none",
 ]
 
 
@@ -95,8 +186,17 @@ def test_fastchat_lora_flags_land(gpu_like):
 
 
 def test_translate_bool_and_drop():
-    argv, notices = translate_flags(["--flash_attn", "True", "--group_by_length", "--save_safetensors", "True", "--x", "1"])
-    assert argv == ["--attn_implementation", "flash_attention_2", "--train_sampling_strategy", "group_by_length", "--x", "1"]
+    argv, notices = translate_flags(
+        ["--flash_attn", "True", "--group_by_length", "--save_safetensors", "True", "--x", "1"]
+    )
+    assert argv == [
+        "--attn_implementation",
+        "flash_attention_2",
+        "--train_sampling_strategy",
+        "group_by_length",
+        "--x",
+        "1",
+    ]
     assert len(notices) == 3
     argv, notices = translate_flags(["--flash_attn", "False"])
     assert argv == [] and notices == []
@@ -105,14 +205,21 @@ def test_translate_bool_and_drop():
 
 
 def test_layer_cls_merges_into_given_fsdp_config():
-    argv, _ = translate_flags(["--fsdp_config", '{"version": 2}', "--fsdp_transformer_layer_cls_to_wrap", "A,B"])
-    assert json.loads(argv[argv.index("--fsdp_config") + 1]) == {"version": 2, "transformer_layer_cls_to_wrap": ["A", "B"]}
+    argv, _ = translate_flags(
+        ["--fsdp_config", '{"version": 2}', "--fsdp_transformer_layer_cls_to_wrap", "A,B"]
+    )
+    assert json.loads(argv[argv.index("--fsdp_config") + 1]) == {
+        "version": 2,
+        "transformer_layer_cls_to_wrap": ["A", "B"],
+    }
 
 
 def test_yaml_config_with_command_line_override(tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("model_name_or_path: m\ndata_path: [a.json, b.jsonl]\nlearning_rate: 1.0e-4\nuse_cpu: true\n"
-                   "output_dir: out\nloss_mode: last_response\n")
+    cfg.write_text(
+        "model_name_or_path: m\ndata_path: [a.json, b.jsonl]\nlearning_rate: 1.0e-4\nuse_cpu: true\n"
+        "output_dir: out\nloss_mode: last_response\n"
+    )
     model, data, train, _ = parse_args(["--config", str(cfg), "--learning_rate", "3e-4"])
     assert model.model_name_or_path == "m" and data.data_path == ["a.json", "b.jsonl"]
     assert train.learning_rate == 3e-4 and train.use_cpu is True and data.loss_mode == "last_response"
@@ -125,4 +232,6 @@ def test_bad_config_and_unknown_flags(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         parse_args(["--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(ConfigError, match="unknown arguments: --nonsense 1"):
-        parse_args(["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", "--nonsense", "1"])
+        parse_args(
+            ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", "--nonsense", "1"]
+        )

@@ -281,7 +281,9 @@ def test_a_killed_worker_is_a_one_line_error_and_leaves_no_cache_folder(
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_a_full_disk_is_a_one_line_error_wherever_it_happens(bpe_tokenizer, write_file, tmp_path, monkeypatch):
+def test_a_full_disk_is_a_one_line_error_wherever_it_happens(
+    bpe_tokenizer, write_file, tmp_path, monkeypatch
+):
     import errno
 
     monkeypatch.setattr(data, "CHUNK", 2)
@@ -314,7 +316,9 @@ def test_a_killed_runs_half_written_folder_is_removed_by_the_next_run(bpe_tokeni
     first = build(encoder, [path], tmp_path)
     entry = first.cache_paths[0]
     shutil.rmtree(entry)  # as if never finished: the next run encodes again
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     host = socket.gethostname()
     stale = entry.with_name(f"{entry.name}.tmp-{host}-{int(dead.stdout)}")  # its process has exited
     live = entry.with_name(f"{entry.name}.tmp-{host}-{os.getppid()}")  # a process still running
@@ -343,8 +347,7 @@ def test_rejected_records_go_to_the_policy_rejects_file(bpe_tokenizer, write_fil
         [path],
         tmp_path,
         eval_data_path=[str(eval_path)],
-        policy=ReadPolicy(max_invalid_ratio=0.3, rejects_path=str(rejects)),
-        eval_policy=ReadPolicy(max_invalid_ratio=0.5, rejects_path=str(eval_rejects)),
+        policy=ReadPolicy(max_invalid_ratio=0.4, rejects_path=str(rejects)),  # eval: 1 of 3 rejected
     )
     written = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
     assert [(r["id"], r["reason"]) for r in written] == [("r2", "empty_content"), ("r5", "unknown_role")]

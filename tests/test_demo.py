@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from chatsft.cli import main
-from chatsft.demo import DEMO_PROMPTS
+from chatsft.commands.cli import main
+from chatsft.commands.demo import DEMO_PROMPTS
 
 
 @pytest.mark.slow
-def test_demo_trains_saves_and_answers(tmp_path, capsys):
+def test_demo_trains_saves_and_answers(tmp_path, capfd):
     out = tmp_path / "demo"
     assert main(["demo", "--epochs", "1", "--output_dir", str(out)]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     assert [line.strip() for line in printed.splitlines() if line.strip().startswith("USER:")] == [
         f"USER: {p}" for p in DEMO_PROMPTS
     ]
@@ -26,7 +26,8 @@ def test_demo_trains_saves_and_answers(tmp_path, capsys):
     model_dir = out / "chat-model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.model_type == "llama"
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                         add_generation_prompt=True).endswith("USER: Hi ASSISTANT:")
+    assert tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    ).endswith("USER: Hi ASSISTANT:")
     assert json.loads((model_dir / "audit.json").read_text())["train"]["records"] == 395
     assert (model_dir / "loss.png").is_file()

@@ -16,7 +16,8 @@ import textwrap
 import pytest
 import torch
 
-from chatsft.distributed import (
+from chatsft.errors import ConfigError
+from chatsft.training.distributed import (
     check_fsdp_supported,
     check_launch,
     decoder_layer_classes,
@@ -24,11 +25,10 @@ from chatsft.distributed import (
     fsdp_problem,
     gather_full_state_dict,
 )
-from chatsft.errors import ConfigError
 
 
 class _Vocab:
-    """What `chatsft.tiny.build_model` reads from a tokenizer; fixed, so every process builds one model."""
+    """What `chatsft.training.tiny.build_model` reads from a tokenizer; fixed, so every process builds one model."""
 
     bos_token_id, eos_token_id, pad_token_id = 1, 2, 3
 
@@ -37,7 +37,7 @@ class _Vocab:
 
 
 def _tiny(seed: int = 0, layers: int = 2):
-    from chatsft.tiny import build_model
+    from chatsft.training.tiny import build_model
 
     return build_model(_Vocab(), hidden_size=32, layers=layers, heads=4, max_positions=64, seed=seed)
 
@@ -73,7 +73,7 @@ def test_decoder_layer_classes_falls_back_to_the_repeated_block():
 
 
 def test_decoder_layer_classes_sees_through_lora():
-    from chatsft.lora import apply_lora
+    from chatsft.training.lora import apply_lora
 
     peft_model, _ = apply_lora(_tiny(), r=2)
     assert decoder_layer_classes(peft_model) == ["LlamaDecoderLayer"]
@@ -171,9 +171,9 @@ WORKER = textwrap.dedent(
     from torch.distributed.fsdp import fully_shard
     from transformers import TrainingArguments
 
-    from chatsft.distributed import check_fsdp_supported, check_launch, gather_full_state_dict
+    from chatsft.training.distributed import check_fsdp_supported, check_launch, gather_full_state_dict
     from chatsft.errors import ConfigError
-    from chatsft.tiny import build_model
+    from chatsft.training.tiny import build_model
 
     class _Vocab:
         bos_token_id, eos_token_id, pad_token_id = 1, 2, 3

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatsft.audit import Audit, stop_token_ids
+from chatsft.audit import Audit
 from chatsft.encode import (
     IGNORE_INDEX,
     LOSS_MODES,
@@ -503,13 +503,14 @@ def test_missing_marker_is_a_config_error(mistral_tokenizer):
 def test_audit_checks_that_replies_end_in_a_stop_token(bpe_all, tmp_path):
     im_end = bpe_all.convert_tokens_to_ids("<|im_end|>")
     records = [conv(QA[:4], id=str(i)) for i in range(3)]
-    audit = Audit(stop_ids=stop_token_ids(bpe_all))  # EOS '</s>' only: '<|im_end|>' would not stop generation
     encoder = Encoder(BUILTINS["chatml"], bpe_all)
+    assert encoder.stop_ids == (2, im_end)  # the tokenizer's EOS and the template's end of turn
+    audit = Audit(stop_ids=(2,))  # EOS '</s>' only: '<|im_end|>' would not stop generation
     for r in records:
         audit.add(encoder.encode(r))
     assert audit.turns_missing_stop == {"<|im_end|>": 6} and not audit.ok
     assert "generation_config.eos_token_id" in audit.format()
-    good = Audit(stop_ids=stop_token_ids(bpe_all, {"eos_token_id": [2, im_end]}))
+    good = Audit(stop_ids=encoder.stop_ids)
     for r in records:
         good.add(encoder.encode(r))
     assert good.ok and good.turns_end_in_stop == good.trained_turns == 6
@@ -524,15 +525,6 @@ def test_audit_checks_that_replies_end_in_a_stop_token(bpe_all, tmp_path):
     yuan = Audit(stop_ids=(bpe_all.convert_tokens_to_ids("<eod>"),))
     yuan.add(Encoder(BUILTINS["yuan2"], bpe_all).encode(conv(QA)))
     assert (yuan.turns_end_in_stop, yuan.turns_end_in_separator, yuan.ok) == (1, 1, True)
-
-
-def test_stop_token_ids_accept_int_or_list(bpe_all):
-    class GenerationConfig:
-        eos_token_id = 7
-
-    assert stop_token_ids(bpe_all) == (2,)
-    assert stop_token_ids(bpe_all, GenerationConfig()) == (2, 7)
-    assert stop_token_ids(bpe_all, {"eos_token_id": [5, 2]}, extra=(9,)) == (2, 5, 9)
 
 
 def test_encoder_pickles_for_dataset_workers(mistral_tokenizer):

@@ -17,17 +17,33 @@ from pathlib import Path
 
 import pytest
 
-from chatsft.config import parse_args
-from chatsft.distributed import check_fsdp_supported, fill_fsdp_config
 from chatsft.errors import ConfigError
+from chatsft.training.config import parse_args
+from chatsft.training.distributed import check_fsdp_supported, fill_fsdp_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = ["train_single_node.sh", "train_multi_node.sh", "train_slurm.sbatch"]
 DEEPSPEED = {"zero2.json": 2, "zero3.json": 3, "zero3_offload.json": 3}
 # the scripts' settings: none may leak in from the environment that runs the tests
 SCRIPT_VARS = {
-    "MODEL", "DATA", "OUT", "GPUS", "GPUS_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
-    "RUN_ID", "STRATEGY", "MICRO_BATCH", "GLOBAL_BATCH", "MAX_LEN", "EPOCHS", "LR", "DRY_RUN", "CONFIG_DIR",
+    "MODEL",
+    "DATA",
+    "OUT",
+    "GPUS",
+    "GPUS_PER_NODE",
+    "NNODES",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RUN_ID",
+    "STRATEGY",
+    "MICRO_BATCH",
+    "GLOBAL_BATCH",
+    "MAX_LEN",
+    "EPOCHS",
+    "LR",
+    "DRY_RUN",
+    "CONFIG_DIR",
     "OMP_NUM_THREADS",
 }
 
@@ -47,7 +63,7 @@ def gpu_like(monkeypatch):
 
 
 def _tiny():
-    from chatsft.tiny import build_model
+    from chatsft.training.tiny import build_model
 
     class Vocab:
         bos_token_id, eos_token_id, pad_token_id = 1, 2, 3
@@ -300,8 +316,12 @@ def test_script_command_parses(gpu_like, name, env, launcher, accum):
     assert cmd[: len(launcher)] == launcher and cmd[len(launcher)] == "-m"
     from torch.distributed.run import get_args_parser
 
-    torchrun = get_args_parser().parse_args(cmd[cmd.index("torchrun") + 1 :])  # torchrun's own parser takes them
-    assert torchrun.module and torchrun.training_script == "chatsft.train" and torchrun.shutdown_timeout == 900
+    torchrun = get_args_parser().parse_args(
+        cmd[cmd.index("torchrun") + 1 :]
+    )  # torchrun's own parser takes them
+    assert (
+        torchrun.module and torchrun.training_script == "chatsft.train" and torchrun.shutdown_timeout == 900
+    )
     model, data, train, notices = parse_args(_train_flags(cmd))
     assert notices == []  # today's flag names only
     assert model.model_name_or_path == "/models/llama-7b" and data.data_path == ["/data/d.json"]
@@ -330,8 +350,12 @@ def test_script_deepspeed_strategy(gpu_like, strategy):
 
 def test_script_refusals():
     def dry_run(script: str, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(EXAMPLES / script)], env={**_clean_env(), **env, "DRY_RUN": "1"},
-                              capture_output=True, text=True)
+        return subprocess.run(
+            ["bash", str(EXAMPLES / script)],
+            env={**_clean_env(), **env, "DRY_RUN": "1"},
+            capture_output=True,
+            text=True,
+        )
 
     run = dry_run("train_single_node.sh", GPUS="3")
     assert run.returncode == 2 and "GLOBAL_BATCH=128 is not a multiple of MICRO_BATCH*GPUS=6" in run.stderr

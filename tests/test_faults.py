@@ -34,9 +34,9 @@ from chatsft_runs import (
     weights,
 )
 
-from chatsft.checkpoint import MARKER_NAME, checkpoint_problem
-from chatsft.final import FINAL_MARKER_NAME
-from chatsft.preempt import PreemptionCallback
+from chatsft.training.checkpoint import MARKER_NAME, checkpoint_problem
+from chatsft.training.final import FINAL_MARKER_NAME
+from chatsft.training.preempt import PreemptionCallback
 
 MAX_STEPS, SAVE_STEPS = 10, 2
 
@@ -47,8 +47,15 @@ def setup(tmp_path_factory):
 
 
 def flags(setup, out: Path, *extra: str) -> list[str]:
-    return train_flags(setup, out, cache=setup.root / "cache", max_steps=MAX_STEPS, accumulation=2,
-                       save_steps=SAVE_STEPS, extra=extra)
+    return train_flags(
+        setup,
+        out,
+        cache=setup.root / "cache",
+        max_steps=MAX_STEPS,
+        accumulation=2,
+        save_steps=SAVE_STEPS,
+        extra=extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +84,9 @@ def assert_matches_reference(out: Path, trace: Path, reference: dict, *, resumed
     assert rows, "the relaunch trained nothing"
     assert rows[0]["step"] == resumed_from + 1
     expected = [r for r in reference["trace"] if r["step"] > resumed_from]
-    assert [(r["step"], r["batch"]) for r in rows] == [(r["step"], r["batch"]) for r in expected]  # data order
+    assert [(r["step"], r["batch"]) for r in rows] == [
+        (r["step"], r["batch"]) for r in expected
+    ]  # data order
     assert [r["rng"] for r in rows] == [r["rng"] for r in expected]  # RNG restored
     assert all(checkpoint_problem(p) is None for p in checkpoints(out).values())
 
@@ -103,7 +112,8 @@ def test_sigkill_inside_checkpoint_saves_then_resume(setup, reference):
     assert checkpoint_problem(ck2) is None  # written again, whole this time
     ck4 = out / "checkpoint-4"
     assert {"model.safetensors", "optimizer.pt", "rng_state.pth", "trainer_state.json"} <= {
-        p.name for p in ck4.iterdir()}
+        p.name for p in ck4.iterdir()
+    }
     assert MARKER_NAME in checkpoint_problem(ck4)
 
     # 3. The relaunch skips checkpoint-4, resumes from checkpoint-2 and trains to the end.
@@ -152,8 +162,9 @@ def test_sigkill_from_outside_mid_save_and_mid_step(setup, reference):
     complete = [s for s, p in checkpoints(out).items() if checkpoint_problem(p) is None]
     assert 4 in complete  # written again by this launch, over the cut-off folder
     newest = max(complete)
-    assert newest < last_started, (f"killed {fraction * micro_batch:.4f} s into step 7's second micro-batch, "
-                                   f"yet no step was lost")
+    assert newest < last_started, (
+        f"killed {fraction * micro_batch:.4f} s into step 7's second micro-batch, yet no step was lost"
+    )
 
     # 3. Relaunched: resumes from the newest complete checkpoint and finishes like the uninterrupted run.
     trace3 = root / "outside3.trace"
@@ -171,7 +182,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(setup, reference):
     trace = setup.root / "sigterm.trace"
     argv = flags(setup, out, "--save_strategy", "no")
     with Launch(command(argv, driver=["--trace", str(trace)]), setup.root / "sigterm1.log") as launch:
-        launch.wait_for(lambda: trace_lines(trace) >= 5, "step 3")  # the first micro-batch of step 3 has begun
+        launch.wait_for(
+            lambda: trace_lines(trace) >= 5, "step 3"
+        )  # the first micro-batch of step 3 has begun
         launch.proc.send_signal(signal.SIGTERM)
         rc = launch.wait()
         output = launch.output()

@@ -10,7 +10,7 @@ import torch
 
 from chatsft.collate import STATS_KEY, PackedCollator, PadCollator
 from chatsft.errors import ConfigError
-from chatsft.loss import causal_lm_loss, check_packing, loss_mode, trained_positions
+from chatsft.training.loss import causal_lm_loss, check_packing, loss_mode, trained_positions
 
 X = -100
 VOCAB = 101
@@ -20,8 +20,15 @@ def _model(attn="sdpa"):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, attn_implementation=attn, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation=attn,
+        pad_token_id=0,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config)
@@ -130,8 +137,9 @@ class _RemoteCodeLike(torch.nn.Module):
         self.model, self.lm_head, self.config = llama.model, llama.lm_head, llama.config
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None, **kwargs):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=use_cache)[0]
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
+        )[0]
         return type("Out", (), {"logits": self.lm_head(hidden)})()
 
 
@@ -212,10 +220,19 @@ def test_gradient_accumulation_is_exact_through_the_trainer(tmp_path):
     def one_step(batch_size, accumulation):
         model = _model()
         args = TrainingArguments(
-            output_dir=str(tmp_path / f"{batch_size}x{accumulation}"), per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
-            lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True,
-            train_sampling_strategy="sequential", disable_tqdm=True,
+            output_dir=str(tmp_path / f"{batch_size}x{accumulation}"),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=1.0,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            train_sampling_strategy="sequential",
+            disable_tqdm=True,
         )
         data = [_examples()[i] for i in (0, 2, 1, 3)]  # micro-batches of 8 and 2 trained targets
         _Trainer(model=model, args=args, train_dataset=data, data_collator=PackedCollator()).train()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chatsft.collate import STATS_KEY, PackedCollator, PadCollator
-from chatsft.metrics import CountingCollator, ThroughputCallback, TokenMeter, batch_stats
+from chatsft.training.metrics import CountingCollator, ThroughputCallback, TokenMeter, batch_stats
 
 X = -100
 EXAMPLES = [
@@ -54,13 +54,17 @@ def test_meter_adds_micro_batches_between_logs():
     clock.now += 2.0
     # computed 21 + 3, tokens 15 + 3, trained 8 + 2
     assert meter.log_fields() == {
-        "tokens_per_second": 9.0, "trained_tokens_per_second": 5.0,
-        "trained_fraction": round(10 / 24, 4), "padding_fraction": 0.25,
+        "tokens_per_second": 9.0,
+        "trained_tokens_per_second": 5.0,
+        "trained_fraction": round(10 / 24, 4),
+        "padding_fraction": 0.25,
     }
     clock.now += 1.0
     meter.take(collate(EXAMPLES[2:]))
     assert meter.log_fields() == {
-        "tokens_per_second": 7.0, "trained_tokens_per_second": 4.0, "trained_fraction": round(4 / 7, 4),
+        "tokens_per_second": 7.0,
+        "trained_tokens_per_second": 4.0,
+        "trained_fraction": round(4 / 7, 4),
         "padding_fraction": 0.0,
     }
     assert meter.log_fields() == {}  # nothing trained since
@@ -90,7 +94,7 @@ def test_callback_adds_figures_to_training_logs_only():
 def test_figures_reach_the_trainer_log_history(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig, Trainer, TrainingArguments
 
-    from chatsft.loss import causal_lm_loss
+    from chatsft.training.loss import causal_lm_loss
 
     class _Trainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -101,16 +105,31 @@ def test_figures_reach_the_trainer_log_history(tmp_path):
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
             return (loss, aux) if return_outputs else loss
 
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     data = EXAMPLES + [{"input_ids": [1, 14, 2], "labels": [X, 14, 2]}]  # trained: 2, 2, 4, 2
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2, max_steps=2,
-        logging_steps=1, learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
-        train_sampling_strategy="sequential", disable_tqdm=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        logging_steps=1,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        train_sampling_strategy="sequential",
+        disable_tqdm=True,
     )
     collator = CountingCollator(PackedCollator())
     trainer = _Trainer(model=model, args=args, train_dataset=data, data_collator=collator)

@@ -1,4 +1,4 @@
-"""chatsft.model: RoPE scaling, pad token, family presets, dtype, attention, LoRA, on tiny saved Llamas."""
+"""chatsft.training.model: RoPE scaling, pad token, family presets, dtype, attention, LoRA, on tiny saved Llamas."""
 
 from __future__ import annotations
 
@@ -8,22 +8,18 @@ import pytest
 import torch
 
 from chatsft.errors import ConfigError
-from chatsft.lora import apply_lora, merge_lora
-from chatsft.model import (
-    YUAN2_TOKENS,
+from chatsft.families import YUAN2_TOKENS, detect_family, family_preset, resolve_preset
+from chatsft.tokenizer import (
     add_special_tokens,
-    detect_family,
-    family_preset,
     load_config,
-    load_for_training,
-    load_model,
     load_tokenizer,
-    resolve_preset,
-    restore_use_cache,
+    prepare_tokenizer,
     setup_pad_token,
 )
-from chatsft.rope import apply_rope_scaling
-from chatsft.tiny import build_model
+from chatsft.training.lora import apply_lora, merge_lora
+from chatsft.training.model import load_model, load_model_for, resize_embeddings, restore_use_cache
+from chatsft.training.rope import apply_rope_scaling
+from chatsft.training.tiny import build_model
 
 CTX = 64
 THETA = 500000.0
@@ -225,7 +221,9 @@ def test_pad_token_added_and_embeddings_resized(tmp_path):
     old_in = model.get_input_embeddings().weight.detach().clone()
     old_out = model.get_output_embeddings().weight.detach().clone()
 
-    assert setup_pad_token(tokenizer, model) == "added"
+    assert setup_pad_token(tokenizer) == "added"
+    assert resize_embeddings(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
     assert (tokenizer.pad_token, tokenizer.pad_token_id, len(tokenizer)) == ("<pad>", vocab, vocab + 1)
     assert model.get_input_embeddings().weight.shape == (vocab + 1, 32)
     assert model.get_output_embeddings().weight.shape == (vocab + 1, 32)
@@ -237,9 +235,9 @@ def test_pad_token_added_and_embeddings_resized(tmp_path):
 
 def test_yuan2_preset_adds_tokens_and_resizes(tiny_dir, bpe_tokenizer):
     vocab = len(bpe_tokenizer)
-    loaded = load_for_training(tiny_dir, model_max_length=CTX, model_family="yuan2")
-    tokenizer, model = loaded.tokenizer, loaded.model
-    assert loaded.preset.template == "yuan2" and loaded.preset.special_tokens == YUAN2_TOKENS
+    tokenizer, preset, notices = prepare_tokenizer(tiny_dir, model_max_length=CTX, model_family="yuan2")
+    model, grew, more = load_model_for(tokenizer, tiny_dir)
+    assert preset.template == "yuan2" and preset.special_tokens == YUAN2_TOKENS
     # The tiny vocabulary already holds <eod>, <sep>, <pad>: the 13 others take the next ids, in list order
     new = [t for t in YUAN2_TOKENS if t not in ("<eod>", "<sep>", "<pad>")]
     assert len(new) == 13 and len(tokenizer) == vocab + 13
@@ -248,10 +246,10 @@ def test_yuan2_preset_adds_tokens_and_resizes(tiny_dir, bpe_tokenizer):
     assert tokenizer.tokenize("a<FIM_MIDDLE>b") == ["a", "<FIM_MIDDLE>", "b"]
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == model.config.vocab_size
     assert model.get_output_embeddings().weight.shape[0] == len(tokenizer)
-    assert loaded.vocab_grew and loaded.pad == "kept"
-    assert "family yuan2: template yuan2, 13 special tokens added" in loaded.notices
-    assert f"embeddings resized {vocab} -> {vocab + 13} (new rows = mean of the old ones)" in loaded.notices
-    assert add_special_tokens(tokenizer, YUAN2_TOKENS, model) == 0
+    assert grew and f"pad token {tokenizer.pad_token!r} (kept)" in notices
+    assert "family yuan2: template yuan2, 13 special tokens added" in notices
+    assert f"embeddings resized {vocab} -> {vocab + 13} (new rows = mean of the old ones)" in more
+    assert add_special_tokens(tokenizer, YUAN2_TOKENS) == 0 and not resize_embeddings(model, tokenizer)
 
 
 def test_family_detection():
@@ -364,14 +362,15 @@ def test_lora_trains_only_adapters_with_checkpointing_and_merges(tiny_dir):
 
 
 def test_lora_trains_resized_embeddings(tiny_dir):
-    loaded = load_for_training(tiny_dir, model_max_length=CTX, model_family="yuan2")
+    tokenizer, _, _ = prepare_tokenizer(tiny_dir, model_max_length=CTX, model_family="yuan2")
+    model, grew, _ = load_model_for(tokenizer, tiny_dir)
     peft_model, notice = apply_lora(
-        loaded.model,
+        model,
         r=2,
         alpha=4,
         dropout=0.0,
         target_modules=["q_proj", "v_proj"],
-        train_embeddings=loaded.vocab_grew,
+        train_embeddings=grew,
     )
     assert "training embed_tokens, lm_head in full" in notice
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -382,19 +381,19 @@ def test_lora_trains_resized_embeddings(tiny_dir):
     }
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable - full} == {"q_proj", "v_proj"}
     peft_model.train()
-    peft_model(**_batch(len(loaded.tokenizer))).loss.backward()
+    peft_model(**_batch(len(tokenizer))).loss.backward()
     with torch.no_grad():
         peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.5)
         for n, p in peft_model.named_parameters():
             if ".lora_B." in n:
                 p.normal_(0, 0.1)
     peft_model.eval()
-    ids = torch.tensor([[3, len(loaded.tokenizer) - 1, 5]])  # includes a new token
+    ids = torch.tensor([[3, len(tokenizer) - 1, 5]])  # includes a new token
     with torch.no_grad():
         adapted = peft_model(input_ids=ids).logits
         merged = merge_lora(peft_model)
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-5, atol=1e-5)
-    assert merged.get_input_embeddings().weight.shape[0] == len(loaded.tokenizer)
+    assert merged.get_input_embeddings().weight.shape[0] == len(tokenizer)
     with pytest.raises(ConfigError, match="LoRA target modules not in the model: qkv"):
         apply_lora(merged, target_modules=["qkv"])
 
@@ -412,7 +411,7 @@ def test_lora_tied_embeddings_stay_tied(bpe_tokenizer):
         tie_word_embeddings=True,
     )
     model = AutoModelForCausalLM.from_config(config)
-    assert add_special_tokens(tokenizer, ["<x>", "<y>"], model) == 2
+    assert add_special_tokens(tokenizer, ["<x>", "<y>"]) == 2 and resize_embeddings(model, tokenizer)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     peft_model, notice = apply_lora(model, r=2, alpha=4, dropout=0.0, train_embeddings=True)
     assert "training embed_tokens, lm_head in full" in notice
@@ -438,8 +437,15 @@ def test_lora_tied_embeddings_stay_tied(bpe_tokenizer):
 def test_lora_bias_trains_the_chosen_biases(bias, trained_biases):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, attention_bias=True, mlp_bias=True)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        attention_bias=True,
+        mlp_bias=True,
+    )
     model = LlamaForCausalLM(config)
     peft_model, notice = apply_lora(model, r=2, dropout=0.0, target_modules=["q_proj", "v_proj"], bias=bias)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -448,4 +454,6 @@ def test_lora_bias_trains_the_chosen_biases(bias, trained_biases):
     assert {n for n in trainable if not n.endswith(".bias")} == {
         n for n, _ in peft_model.named_parameters() if ".lora_A." in n or ".lora_B." in n
     }
-    assert notice.startswith("LoRA r=2 alpha=16 dropout=0.0 on q_proj, v_proj" + ("" if bias == "none" else f", biases: {bias}"))
+    assert notice.startswith(
+        "LoRA r=2 alpha=16 dropout=0.0 on q_proj, v_proj" + ("" if bias == "none" else f", biases: {bias}")
+    )

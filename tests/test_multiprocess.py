@@ -40,9 +40,9 @@ from chatsft_runs import (
     weights,
 )
 
-from chatsft.checkpoint import checkpoint_problem
-from chatsft.distributed import _ranks, other_ranks_notices
-from chatsft.final import FINAL_MARKER_NAME
+from chatsft.training.checkpoint import checkpoint_problem
+from chatsft.training.final import FINAL_MARKER_NAME
+from chatsft.training.notices import _ranks, other_ranks_notices
 
 MAX_STEPS, SAVE_STEPS, BATCH, ACCUMULATION = 6, 3, 2, 2
 
@@ -53,8 +53,16 @@ def setup(tmp_path_factory):
 
 
 def flags(setup, out, cache, accumulation, *extra):
-    return train_flags(setup, out, cache=cache, max_steps=MAX_STEPS, batch=BATCH, accumulation=accumulation,
-                       save_steps=SAVE_STEPS, extra=extra)
+    return train_flags(
+        setup,
+        out,
+        cache=cache,
+        max_steps=MAX_STEPS,
+        batch=BATCH,
+        accumulation=accumulation,
+        save_steps=SAVE_STEPS,
+        extra=extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +125,11 @@ def test_two_processes_write_everything_once(setup, one_process, two_processes):
 
     # one final model, one set of checkpoints, one audit and one rejects file: the same files as one process
     def listing(folder):
-        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                      if p.is_file() and not p.name.startswith("rng_state"))
+        return sorted(
+            p.relative_to(folder).as_posix()
+            for p in folder.rglob("*")
+            if p.is_file() and not p.name.startswith("rng_state")
+        )
 
     assert listing(two) == listing(one)
     assert (two / FINAL_MARKER_NAME).is_file()
@@ -137,10 +148,13 @@ def test_two_processes_write_everything_once(setup, one_process, two_processes):
     cache = setup.root / "cache-two"
     lines = output.splitlines()
     assert [x for x in lines if "encoded and cached" in x] == [
-        x for x in lines if x.startswith(f"[chatsft] training examples encoded and cached: 32 ({cache}/")]
+        x for x in lines if x.startswith(f"[chatsft] training examples encoded and cached: 32 ({cache}/")
+    ]
     assert len([x for x in lines if "encoded and cached" in x]) == 1
     loaded = [x for x in lines if "loaded from cache" in x]
-    assert len(loaded) == 1 and loaded[0].startswith("[chatsft] rank 1: training examples loaded from cache: 32")
+    assert len(loaded) == 1 and loaded[0].startswith(
+        "[chatsft] rank 1: training examples loaded from cache: 32"
+    )
     assert [p.name.endswith("-train") for p in cache.iterdir()] == [True]  # one cache entry, no leftover tmp
     assert "rank 1:" not in one_output
 
@@ -172,8 +186,10 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes(setup, two_proce
     assert 1 <= step < MAX_STEPS
     # rank 1 got the signal, rank 0 learnt of it from the all-reduce at the same step's end
     agreed = sorted(line for line in output.splitlines() if "pre-emption: SIGTERM received" in line)
-    assert agreed == [f"pre-emption: SIGTERM received by another process, saving checkpoint-{step} and stopping",
-                      f"pre-emption: SIGTERM received here, saving checkpoint-{step} and stopping"], agreed
+    assert agreed == [
+        f"pre-emption: SIGTERM received by another process, saving checkpoint-{step} and stopping",
+        f"pre-emption: SIGTERM received here, saving checkpoint-{step} and stopping",
+    ], agreed
     assert_saved_and_resumes_like(two, out, step, argv, setup.root / "sigterm2.log")
 
 
@@ -218,29 +234,59 @@ def test_sigterm_to_torchrun_reaches_every_rank_and_they_save(setup, two_process
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="FSDP through the HF Trainer needs a CUDA device; "
-                                                          "none is visible")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 1, reason="FSDP through the HF Trainer needs a CUDA device; none is visible"
+)
 def test_fsdp_full_shard_on_gpu(setup, tmp_path):
     """`--fsdp full_shard auto_wrap` (FSDP2, sharded checkpoints) through the Trainer on 1-2 GPUs: trains like
     one plain GPU process with the same global batch, saves one full model, and resumes from a sharded
     checkpoint. GPU kernels and reduce-scatter order are not bit-reproducible: tolerances 1e-4."""
     nproc = min(2, torch.cuda.device_count())
     config = tmp_path / "fsdp.json"
-    config.write_text(json.dumps({"version": 2, "reshard_after_forward": True,
-                                  "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                                  "state_dict_type": "SHARDED_STATE_DICT"}))
+    config.write_text(
+        json.dumps(
+            {
+                "version": 2,
+                "reshard_after_forward": True,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "state_dict_type": "SHARDED_STATE_DICT",
+            }
+        )
+    )
     gpu = ("--tf32", "False")
     fsdp = ("--fsdp", "full_shard auto_wrap", "--fsdp_config", str(config))
 
     plain = tmp_path / "plain"
-    rc, output = run(command(train_flags(setup, plain, cache=tmp_path / "cache", max_steps=MAX_STEPS, batch=BATCH,
-                                         accumulation=4, save_steps=SAVE_STEPS, cpu=False, extra=gpu)),
-                     tmp_path / "plain.log")
+    rc, output = run(
+        command(
+            train_flags(
+                setup,
+                plain,
+                cache=tmp_path / "cache",
+                max_steps=MAX_STEPS,
+                batch=BATCH,
+                accumulation=4,
+                save_steps=SAVE_STEPS,
+                cpu=False,
+                extra=gpu,
+            )
+        ),
+        tmp_path / "plain.log",
+    )
     assert rc == 0, output[-3000:]
 
     out = tmp_path / "fsdp"
-    argv = train_flags(setup, out, cache=tmp_path / "cache", max_steps=MAX_STEPS, batch=BATCH,
-                       accumulation=4 // nproc, save_steps=SAVE_STEPS, cpu=False, extra=gpu + fsdp)
+    argv = train_flags(
+        setup,
+        out,
+        cache=tmp_path / "cache",
+        max_steps=MAX_STEPS,
+        batch=BATCH,
+        accumulation=4 // nproc,
+        save_steps=SAVE_STEPS,
+        cpu=False,
+        extra=gpu + fsdp,
+    )
     rc, output = run(command(argv, nproc=nproc), tmp_path / "fsdp.log")
     assert rc == 0, output[-3000:]
     assert "FSDP: each LlamaDecoderLayer is one shard unit" in output

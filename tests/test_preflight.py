@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from chatsft.errors import ConfigError, DataError
-from chatsft.preflight import (
+from chatsft.training.preflight import (
     check_data_files,
     check_output_dir,
     check_template_tokens,
@@ -32,7 +32,7 @@ class _Vocab:
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from chatsft.tiny import build_model
+    from chatsft.training.tiny import build_model
 
     return build_model(_Vocab(), hidden_size=32, layers=2, heads=4, max_positions=64)
 
@@ -51,7 +51,7 @@ def _one_line(err) -> str:
 
 
 def _disk(monkeypatch, free: int):
-    import chatsft.preflight as preflight
+    import chatsft.training.preflight as preflight
 
     monkeypatch.setattr(
         preflight.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**15, 0, free)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from chatsft.cli import main
+from chatsft.commands.cli import main
 from chatsft.encode import IGNORE_INDEX, Encoder
 from chatsft.records import Conversation
 from chatsft.templates import BUILTINS
@@ -38,8 +38,18 @@ def lines(path):
 
 def prepare(data, model_dir, out, *flags) -> int:
     """`chatsft prepare` through the CLI dispatcher; returns its exit code."""
-    return main(["prepare", "--data_path", str(data), "--model_name_or_path", str(model_dir), "--output", str(out),
-                 *flags])
+    return main(
+        [
+            "prepare",
+            "--data_path",
+            str(data),
+            "--model_name_or_path",
+            str(model_dir),
+            "--output",
+            str(out),
+            *flags,
+        ]
+    )
 
 
 def preview(data, model_dir, *flags) -> int:
@@ -98,8 +108,19 @@ def test_prepare_missing_marker_suggests_add_special_tokens(write_file, mistral_
     out = tmp_path / "chatml.jsonl"
     assert prepare(data, mistral_dir, out, "--conv_template", "chatml") == 2
     assert "--add_special_tokens" in capsys.readouterr().err
-    assert prepare(data, mistral_dir, out, "--conv_template", "chatml", "--add_special_tokens", "<|im_start|>",
-                   "<|im_end|>") == 0
+    assert (
+        prepare(
+            data,
+            mistral_dir,
+            out,
+            "--conv_template",
+            "chatml",
+            "--add_special_tokens",
+            "<|im_start|>",
+            "<|im_end|>",
+        )
+        == 0
+    )
     (row,) = lines(out)
     assert row["text"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
     # as in `chatsft train` (which saves them in generation_config) the template's stop tokens are stop ids

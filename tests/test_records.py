@@ -71,7 +71,9 @@ def test_file_unreadable_directory(tmp_path):
 
 def test_error_messages_name_the_position(write_file):
     _, report = read_conversations([write_file("c.json", '[{"conversations": []},\n]')])
-    assert str(report.file_errors[0]).endswith(":2:1: bad_json: Expecting value (a trailing comma?) at line 2 column 1")
+    assert str(report.file_errors[0]).endswith(
+        ":2:1: bad_json: Expecting value (a trailing comma?) at line 2 column 1"
+    )
     assert report.file_errors[0].position == "2:1"
     _, report = read_conversations([write_file("u.json", b'[{"id": "\xff"}]')])
     assert report.file_errors[0].detail == "invalid UTF-8 byte 0xff at byte offset 9"
@@ -120,8 +122,15 @@ def test_record_level_reasons(write_file, reason):
 
 
 def test_record_lines_are_exact(write_file):
-    path = write_file("d.json", [GOOD, rec(turn(H, "a"), turn(G, None), id="r7"), rec(turn(H, "a"), turn(G, 5)),
-                                 rec(turn(H, "a"), turn(G, "b"), turn(G, "c"), id=3)])
+    path = write_file(
+        "d.json",
+        [
+            GOOD,
+            rec(turn(H, "a"), turn(G, None), id="r7"),
+            rec(turn(H, "a"), turn(G, 5)),
+            rec(turn(H, "a"), turn(G, "b"), turn(G, "c"), id=3),
+        ],
+    )
     _, report = read_conversations([path])
     assert [str(p) for p in report.problems] == [
         f"{path}:1 (id=r7) turn 1: content_not_string: `value` is a JSON null, expected a string",
@@ -135,7 +144,7 @@ def test_two_gpt_turns_and_unknown_roles(write_file):
     assert report.problems[0].reason == "repeated_role"
     _, report, _ = read_one(write_file, {"messages": [{"role": "customer", "content": "a"}]})
     assert report.problems[0].reason == "unknown_role"
-    assert "`role` is \"customer\"" in report.problems[0].detail
+    assert '`role` is "customer"' in report.problems[0].detail
 
 
 def test_duplicate_ids_across_files(write_file):
@@ -164,25 +173,43 @@ def test_nested_list_instead_of_turns(write_file):
 
 # --- accepted shapes -----------------------------------------------------------------------------------------
 
+
 def test_sharegpt_with_system_and_aliases(write_file):
-    record = rec(turn("user", "q"), turn("chatgpt", "a"), turn("human", "q2"), turn("bard", "a2"), system="Be brief.", id=7)
+    record = rec(
+        turn("user", "q"),
+        turn("chatgpt", "a"),
+        turn("human", "q2"),
+        turn("bard", "a2"),
+        system="Be brief.",
+        id=7,
+    )
     [conv], report, path = read_one(write_file, record)
     assert conv.id == "7" and conv.source == str(path) and conv.index == 0
     assert conv.messages == [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"},
-        {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "user", "content": "q2"},
         {"role": "assistant", "content": "a2"},
     ]
     assert report.turns == [4] and report.characters == len("Be brief.qaq2a2")
 
 
 def test_openai_messages_and_system_turn(write_file):
-    record = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
-                           {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        ]
+    }
     [conv], _, _ = read_one(write_file, record)
     assert conv.id == "0"
-    assert conv.messages == [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
-                             {"role": "assistant", "content": "ab"}]
+    assert conv.messages == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "ab"},
+    ]
 
 
 def test_leading_assistant_dropped_and_counted(write_file):
@@ -210,7 +237,10 @@ def test_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [rec(turn(H, "q"), turn(G, "a"), id="p0", system="S"), rec(turn(H, "q"), turn(G, "a"), id="p1", system=None)]
+    rows = [
+        rec(turn(H, "q"), turn(G, "a"), id="p0", system="S"),
+        rec(turn(H, "q"), turn(G, "a"), id="p1", system=None),
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     convs, report = read_conversations([tmp_path / "d.parquet"])
     assert [c.id for c in convs] == ["p0", "p1"]
@@ -219,6 +249,7 @@ def test_parquet(tmp_path):
 
 
 # --- the training policy -------------------------------------------------------------------------------------
+
 
 def mixed(write_file, bad: int, good: int = 10):
     records = [rec(turn(H, f"q{i}"), turn(G, f"a{i}"), id=f"g{i}") for i in range(good)]
@@ -245,8 +276,14 @@ def test_policy_stops_over_ratio_and_on_strict(write_file):
 
 
 def test_mixed_file_counts_add_up(write_file):
-    records = [GOOD, None, rec(), rec(turn(H, "q"), turn(G, "a"), id="good"), rec(turn(H, 1), turn(G, "a")),
-               rec(turn(H, "q"), turn(G, "a"))]
+    records = [
+        GOOD,
+        None,
+        rec(),
+        rec(turn(H, "q"), turn(G, "a"), id="good"),
+        rec(turn(H, 1), turn(G, "a")),
+        rec(turn(H, "q"), turn(G, "a")),
+    ]
     _, report = read_conversations([write_file("m.json", records)])
     assert report.records_read == 6
     assert report.accepted == 2 and report.rejected_total == 4
@@ -255,8 +292,9 @@ def test_mixed_file_counts_add_up(write_file):
 
 # --- the command ---------------------------------------------------------------------------------------------
 
+
 def test_check_command_exit_codes(write_file, capsys):
-    from chatsft.cli import main
+    from chatsft.commands.cli import main
 
     good = write_file("good.json", [GOOD])
     assert main(["check", str(good)]) == 0
@@ -269,7 +307,7 @@ def test_check_command_exit_codes(write_file, capsys):
 
 
 def test_check_rejects_file(write_file, tmp_path):
-    from chatsft.cli import main
+    from chatsft.commands.cli import main
 
     bad = write_file("bad.json", [GOOD, rec(turn(H, "a"))])
     out = tmp_path / "rej.jsonl"
@@ -280,7 +318,9 @@ def test_check_rejects_file(write_file, tmp_path):
 @pytest.mark.parametrize("content", ["", "[]", "[{", '{"conversations": []}', b"\xff\xfe[]"])
 def test_check_subprocess_one_line_no_traceback(write_file, content):
     path = write_file("f.json", content)
-    proc = subprocess.run([sys.executable, "-m", "chatsft.cli", "check", str(path)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "chatsft", "check", str(path)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     [line] = proc.stderr.strip().splitlines()
@@ -290,7 +330,7 @@ def test_check_subprocess_one_line_no_traceback(write_file, content):
 def test_bundled_sample_data_is_valid():
     from importlib import resources
 
-    path = resources.files("chatsft") / "data" / "sample_conversations.json"
+    path = resources.files("chatsft") / "assets" / "sample_conversations.json"
     if not path.is_file():
         pytest.skip("sample data not generated yet")
     convs, report = read_conversations([str(path)])

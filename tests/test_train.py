@@ -12,14 +12,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from chatsft.commands.train import main
 from chatsft.templates import get_template, render_text
-from chatsft.tiny import build_model, build_tokenizer
-from chatsft.train import main
+from chatsft.training.tiny import build_model, build_tokenizer
 
 pytestmark = pytest.mark.slow
 
-CAPITALS = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Peru", "Lima"),
-            ("Egypt", "Cairo")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Japan", "Tokyo"),
+    ("Peru", "Lima"),
+    ("Egypt", "Cairo"),
+]
 
 
 def conversations(n: int = 24) -> list[dict]:
@@ -27,11 +33,15 @@ def conversations(n: int = 24) -> list[dict]:
     for i in range(n):
         country, city = CAPITALS[i % len(CAPITALS)]
         other, other_city = CAPITALS[(i + 1) % len(CAPITALS)]
-        turns = [{"from": "human", "value": f"What is the capital of {country}?"},
-                 {"from": "gpt", "value": f"The capital of {country} is {city}."}]
+        turns = [
+            {"from": "human", "value": f"What is the capital of {country}?"},
+            {"from": "gpt", "value": f"The capital of {country} is {city}."},
+        ]
         if i % 2:
-            turns += [{"from": "human", "value": f"And of {other}?"},
-                      {"from": "gpt", "value": f"The capital of {other} is {other_city}."}]
+            turns += [
+                {"from": "human", "value": f"And of {other}?"},
+                {"from": "gpt", "value": f"The capital of {other} is {other_city}."},
+            ]
         out.append({"id": f"c{i}", "conversations": turns})
     return out
 
@@ -55,11 +65,41 @@ def setup(tmp_path_factory):
 
 
 def flags(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model_name_or_path", str(base), "--data_path", str(data), "--output_dir", str(out),
-            "--conv_template", "vicuna_v1.1", "--model_max_length", "128", "--max_steps", "6",
-            "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1",
-            "--save_steps", "2", "--use_cpu", "True", "--report_to", "none", "--seed", "0", "--data_seed", "0",
-            "--cache_dir", str(out.parent / "cache"), "--disable_tqdm", "True", *extra]
+    return [
+        "--model_name_or_path",
+        str(base),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--conv_template",
+        "vicuna_v1.1",
+        "--model_max_length",
+        "128",
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "2",
+        "--use_cpu",
+        "True",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--data_seed",
+        "0",
+        "--cache_dir",
+        str(out.parent / "cache"),
+        "--disable_tqdm",
+        "True",
+        *extra,
+    ]
 
 
 def test_train_checkpoint_resume_save(setup, capsys):
@@ -73,7 +113,11 @@ def test_train_checkpoint_resume_save(setup, capsys):
     losses = [e["loss"] for e in state["log_history"] if "loss" in e]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
     assert all((p / "chatsft-complete.json").is_file() for p in out.glob("checkpoint-*"))
 
     # every parameter the optimiser touched has changed
@@ -93,9 +137,11 @@ def test_train_checkpoint_resume_save(setup, capsys):
     for conv in convs[:3]:
         expected = render_text(template, conv.messages, bos=tokenizer.bos_token, eos=tokenizer.eos_token)
         assert tokenizer.apply_chat_template(conv.messages, tokenize=False) == expected
-    assert tokenizer.eos_token_id in ([model.generation_config.eos_token_id]
-                                      if isinstance(model.generation_config.eos_token_id, int)
-                                      else model.generation_config.eos_token_id)
+    assert tokenizer.eos_token_id in (
+        [model.generation_config.eos_token_id]
+        if isinstance(model.generation_config.eos_token_id, int)
+        else model.generation_config.eos_token_id
+    )
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     audit = json.loads((out / "audit.json").read_text())
     assert audit["train"]["examples"] == 24 and audit["train"]["rejected"] == {}
@@ -119,8 +165,26 @@ def test_split_eval_and_rejects(setup, tmp_path, capsys):
     records = conversations(20) + [{"id": "bad", "conversations": [{"from": "human", "value": "x"}]}]
     bad.write_text(json.dumps(records))
     out = tmp_path / "run"
-    assert main(flags(base, bad, out, "--train_ratio", "0.8", "--eval_strategy", "steps", "--eval_steps", "3",
-                      "--max_steps", "3", "--save_strategy", "no")) == 0
+    assert (
+        main(
+            flags(
+                base,
+                bad,
+                out,
+                "--train_ratio",
+                "0.8",
+                "--eval_strategy",
+                "steps",
+                "--eval_steps",
+                "3",
+                "--max_steps",
+                "3",
+                "--save_strategy",
+                "no",
+            )
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "16 train, 4 eval" in printed
     rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
@@ -133,8 +197,12 @@ def test_user_mistakes_are_one_line(setup, tmp_path):
     root, base, data, _ = setup
     cases = [
         (flags(base, tmp_path / "missing.json", tmp_path / "o1"), "missing.json: no such file"),
-        (flags(base, data, tmp_path / "o2", "--loss_mode", "last_response", "--split_example_loss", "True"),
-         "both choose the loss"),
+        (
+            flags(
+                base, data, tmp_path / "o2", "--loss_mode", "last_response", "--split_example_loss", "True"
+            ),
+            "both choose the loss",
+        ),
         (flags(base, data, tmp_path / "o3", "--conv_template", "nonsense"), "nonsense"),
     ]
     for argv, expected in cases:
@@ -148,8 +216,26 @@ def test_user_mistakes_are_one_line(setup, tmp_path):
 def test_lora_adapter_and_merged_save(setup, tmp_path):
     root, base, data, convs = setup
     out = tmp_path / "lora"
-    assert main(flags(base, data, out, "--lora_r", "4", "--lora_alpha", "8", "--merge_lora", "True",
-                      "--max_steps", "2", "--save_strategy", "no")) == 0
+    assert (
+        main(
+            flags(
+                base,
+                data,
+                out,
+                "--lora_r",
+                "4",
+                "--lora_alpha",
+                "8",
+                "--merge_lora",
+                "True",
+                "--max_steps",
+                "2",
+                "--save_strategy",
+                "no",
+            )
+        )
+        == 0
+    )
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -157,6 +243,8 @@ def test_lora_adapter_and_merged_save(setup, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     tokenizer = AutoTokenizer.from_pretrained(out)
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
-    ids = tokenizer.apply_chat_template(convs[0].messages, tokenize=True, return_dict=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(
+        convs[0].messages, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     with torch.no_grad():
         assert torch.allclose(merged(**ids).logits, adapted(**ids).logits, atol=1e-5)

@@ -34,7 +34,7 @@ def _rng_hash() -> str:
 
 
 def _install_trace(path: str) -> None:
-    from chatsft.trainer import ChatTrainer
+    from chatsft.training.trainer import ChatTrainer
 
     rank = int(os.environ.get("RANK", "0"))
     fd = os.open(path.replace("{rank}", str(rank)), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -43,8 +43,12 @@ def _install_trace(path: str) -> None:
     def compute_loss(self, model, inputs, *args, **kwargs):
         if model.training:
             ids = inputs["input_ids"].detach().cpu().contiguous().numpy().tobytes()
-            row = {"step": self.state.global_step + 1, "rank": rank,
-                   "batch": hashlib.sha1(ids).hexdigest()[:16], "rng": _rng_hash()}
+            row = {
+                "step": self.state.global_step + 1,
+                "rank": rank,
+                "batch": hashlib.sha1(ids).hexdigest()[:16],
+                "rng": _rng_hash(),
+            }
             os.write(fd, (json.dumps(row) + "\n").encode())  # unbuffered: survives a SIGKILL
         return original(self, model, inputs, *args, **kwargs)
 
@@ -58,7 +62,7 @@ def _die() -> None:
 def _install_kill(where: str, step: int) -> None:
     import transformers
 
-    import chatsft.checkpoint as checkpoint
+    import chatsft.training.checkpoint as checkpoint
 
     if where in ("optimizer", "rng"):
         name = {"optimizer": "_save_optimizer_and_scheduler", "rng": "_save_rng_state"}[where]
@@ -84,7 +88,7 @@ def _install_kill(where: str, step: int) -> None:
 
 
 def _install_slow_marker(seconds: float) -> None:
-    import chatsft.checkpoint as checkpoint
+    import chatsft.training.checkpoint as checkpoint
 
     original = checkpoint.write_marker
 
@@ -97,7 +101,7 @@ def _install_slow_marker(seconds: float) -> None:
 
 def main(argv: list[str]) -> int:
     split = argv.index("--")
-    ours, flags = argv[:split], argv[split + 1:]
+    ours, flags = argv[:split], argv[split + 1 :]
     options = dict(zip(ours[::2], ours[1::2]))
     if "--trace" in options:
         _install_trace(options["--trace"])
@@ -106,7 +110,7 @@ def main(argv: list[str]) -> int:
         _install_kill(where, int(step))
     if "--slow-marker" in options:
         _install_slow_marker(float(options["--slow-marker"]))
-    from chatsft.train import cli
+    from chatsft.commands.train import cli
 
     return cli(flags)
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from chatsft.cli import main
+from chatsft.commands.cli import main
 
 sys.exit(main())

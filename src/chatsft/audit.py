@@ -2,7 +2,7 @@
 
 `Audit.add` takes each record's `Encoded` result (examples, truncation, drops, the rejection reason) and counts
 it; the check that matters most is the last one: a trained assistant turn must end in a token that stops
-generation (`stop_token_ids`), or the model learns to stop on a token that inference will not stop on.
+generation (`Encoder.stop_ids`), or the model learns to stop on a token that inference will not stop on.
 `chatsft prepare` writes the audit beside the examples; training writes it into the final model's folder.
 """
 
@@ -13,18 +13,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from chatsft.encode import IGNORE_INDEX, Encoded
-
-
-def stop_token_ids(tokenizer, generation_config=None, extra=()) -> tuple[int, ...]:
-    """The ids that end generation: the tokenizer's EOS and `generation_config.eos_token_id` (int or list)."""
-    found = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    eos = (
-        getattr(generation_config, "eos_token_id", None)
-        if not isinstance(generation_config, dict)
-        else generation_config.get("eos_token_id")
-    )
-    found |= set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-    return tuple(sorted(found | set(extra)))
 
 
 @dataclass

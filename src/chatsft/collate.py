@@ -1,7 +1,7 @@
 """Examples -> batches: pad to the longest example, or pack examples into one row without any padding.
 
 Two collators share one contract: they take examples (`{"input_ids": [...], "labels": [...]}`, labels -100
-where not trained, not pre-shifted) and return torch tensors the model and `chatsft.loss.causal_lm_loss`
+where not trained, not pre-shifted) and return torch tensors the model and `chatsft.training.loss.causal_lm_loss`
 accept.
 
 - `PadCollator` pads right to the longest example of the batch (never to `model_max_length`), labels -100
@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 
 IGNORE_INDEX = -100
-# Batch key of the token counts added by chatsft.metrics.CountingCollator; never passed to the model.
+# Batch key of the token counts added by chatsft.training.metrics.CountingCollator; never passed to the model.
 STATS_KEY = "chatsft_stats"
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatsft import __version__
-from chatsft.audit import Audit, stop_token_ids
+from chatsft.audit import Audit
 from chatsft.encode import Encoded, Encoder
 from chatsft.errors import ConfigError, DataError
 from chatsft.parallel import run_in_order
@@ -56,9 +56,25 @@ class Split:
     cache_hit: bool | None = None  # eager: True when every encoded set was loaded from the cache; lazy: None
     cache_paths: list[Path] = field(default_factory=list)  # eager: the cache folder of each encoded set
 
+    def audits(self) -> dict[str, Audit]:
+        return {
+            name: a for name, a in (("train", self.train_audit), ("eval", self.eval_audit)) if a is not None
+        }
+
+    def audit_notices(self) -> list[str]:
+        return [f"{name} audit:\n{audit.format()}" for name, audit in self.audits().items()]
+
+    def audit_json(self) -> str:
+        return (
+            json.dumps({k: a.to_dict() for k, a in self.audits().items()}, indent=2, ensure_ascii=False)
+            + "\n"
+        )
+
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("CHATSFT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "chatsft")
+    root = os.environ.get("CHATSFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "chatsft"
+    )
     return Path(root).expanduser()
 
 
@@ -73,7 +89,6 @@ def build_datasets(
     num_workers: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     policy: ReadPolicy | None = None,
-    eval_policy: ReadPolicy | None = None,
     main_process_first=None,
     progress: bool = False,
 ) -> Split:
@@ -85,23 +100,33 @@ def build_datasets(
         raise ConfigError("give either --eval_data_path or --train_ratio below 1, not both")
     policy = policy or ReadPolicy()
     conversations, report = read_conversations(data_path, policy)
-    notices = [f"read {report.records_read} records from {len(data_path)} file(s): {report.accepted} accepted, "
-               f"{report.rejected_total} rejected" + (f" (written to {policy.rejects_path})"
-                                                      if report.rejected_total and policy.rejects_path else "")]
+    notices = [
+        f"read {report.records_read} records from {len(data_path)} file(s): {report.accepted} accepted, "
+        f"{report.rejected_total} rejected"
+        + (f" (written to {policy.rejects_path})" if report.rejected_total and policy.rejects_path else "")
+    ]
     eval_conversations: list[Conversation] = []
     if eval_data_path:
-        eval_conversations, eval_report = read_conversations(eval_data_path, eval_policy or policy)
+        eval_conversations, eval_report = read_conversations(eval_data_path, policy.for_eval())
         notices.append(f"eval: {eval_report.accepted} of {eval_report.records_read} records accepted")
     elif train_ratio < 1.0:
         conversations, eval_conversations = split_conversations(conversations, train_ratio, seed)
-        notices.append(f"split {len(conversations) + len(eval_conversations)} conversations (seed {seed}): "
-                       f"{len(conversations)} train, {len(eval_conversations)} eval")
+        notices.append(
+            f"split {len(conversations) + len(eval_conversations)} conversations (seed {seed}): "
+            f"{len(conversations)} train, {len(eval_conversations)} eval"
+        )
     if not conversations:
         raise ConfigError("no training conversation is left after validation")
 
     if lazy:
-        return Split(LazyDataset(conversations, encoder), LazyDataset(eval_conversations, encoder)
-                     if eval_conversations else None, None, None, notices, conversations[0])
+        return Split(
+            LazyDataset(conversations, encoder),
+            LazyDataset(eval_conversations, encoder) if eval_conversations else None,
+            None,
+            None,
+            notices,
+            conversations[0],
+        )
 
     files = [*data_path, *(eval_data_path or [])]
     base_key = cache_key(encoder, files, train_ratio, seed)
@@ -109,15 +134,22 @@ def build_datasets(
     train_dir, eval_dir = cache_root / f"{base_key}-train", cache_root / f"{base_key}-eval"
     guard = main_process_first(desc="encoding") if main_process_first else contextlib.nullcontext()
     with guard:
-        train, train_audit, hit = encode_cached(conversations, encoder, train_dir, num_workers, progress and "train")
-        notices.append(f"training examples {'loaded from cache' if hit else 'encoded and cached'}: {len(train)} "
-                       f"({train_dir})")
+        train, train_audit, hit = encode_cached(
+            conversations, encoder, train_dir, num_workers, progress and "train"
+        )
+        notices.append(
+            f"training examples {'loaded from cache' if hit else 'encoded and cached'}: {len(train)} "
+            f"({train_dir})"
+        )
         evaluation, eval_audit, paths = None, None, [train_dir]
         if eval_conversations:
-            evaluation, eval_audit, eval_hit = encode_cached(eval_conversations, encoder, eval_dir, num_workers,
-                                                             progress and "eval")
-            notices.append(f"eval examples {'loaded from cache' if eval_hit else 'encoded and cached'}: "
-                           f"{len(evaluation)} ({eval_dir})")
+            evaluation, eval_audit, eval_hit = encode_cached(
+                eval_conversations, encoder, eval_dir, num_workers, progress and "eval"
+            )
+            notices.append(
+                f"eval examples {'loaded from cache' if eval_hit else 'encoded and cached'}: "
+                f"{len(evaluation)} ({eval_dir})"
+            )
             hit, paths = hit and eval_hit, [train_dir, eval_dir]
     if len(train) == 0:
         raise ConfigError("no training example is left after encoding: see the audit")
@@ -139,8 +171,15 @@ def split_conversations(conversations: list[Conversation], train_ratio: float, s
 def cache_key(encoder: Encoder, files: list[str], train_ratio: float, seed: int) -> str:
     """A hash of everything that changes the encoded examples."""
     h = hashlib.sha256()
-    for part in (ENCODER_VERSION, __version__, encoder.loss_mode, str(encoder.max_length), repr(encoder.template),
-                 tokenizer_fingerprint(encoder.tokenizer), f"{train_ratio}:{seed}"):
+    for part in (
+        ENCODER_VERSION,
+        __version__,
+        encoder.loss_mode,
+        str(encoder.max_length),
+        repr(encoder.template),
+        tokenizer_fingerprint(encoder.tokenizer),
+        f"{train_ratio}:{seed}",
+    ):
         h.update(part.encode("utf-8") + b"\0")
     for path in files:
         h.update(file_digest(path).encode() + b"\0")
@@ -162,15 +201,24 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: Path, num_workers: int | None,
-                  progress: str | None = None):
+def encode_cached(
+    conversations: list[Conversation],
+    encoder: Encoder,
+    folder: Path,
+    num_workers: int | None,
+    progress: str | None = None,
+):
     """Load the encoded dataset from `folder`, or encode it there (with a progress bar named `progress`, if
     given). Returns (dataset, audit, cache_hit)."""
     import datasets
 
     arrow, audit_file = folder / "examples.arrow", folder / "audit.json"
     if arrow.is_file() and audit_file.is_file():
-        return datasets.Dataset.from_file(str(arrow)), Audit.from_dict(json.loads(audit_file.read_text())), True
+        return (
+            datasets.Dataset.from_file(str(arrow)),
+            Audit.from_dict(json.loads(audit_file.read_text())),
+            True,
+        )
     _remove_stale_tmp(folder)
     tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -179,8 +227,10 @@ def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: P
     except BaseException as err:
         _rmtree(tmp)  # an error or Ctrl-C mid-encoding: no half-written folder left behind
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise DataError(f"no space left on the device of the preprocessing cache ({folder.parent}): free some, "
-                            "or point --cache_dir at a larger disk") from None
+            raise DataError(
+                f"no space left on the device of the preprocessing cache ({folder.parent}): free some, "
+                "or point --cache_dir at a larger disk"
+            ) from None
         raise
     (tmp / "audit.json").write_text(json.dumps(audit.to_dict()))
     try:
@@ -193,12 +243,23 @@ def encode_cached(conversations: list[Conversation], encoder: Encoder, folder: P
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-                      ("length", pa.int32())])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("input_ids", pa.list_(pa.int32())),
+            ("labels", pa.list_(pa.int32())),
+            ("length", pa.int32()),
+        ]
+    )
 
 
-def write_examples(conversations: list[Conversation], encoder: Encoder, path: Path, num_workers: int | None,
-                   progress: str | None = None) -> Audit:
+def write_examples(
+    conversations: list[Conversation],
+    encoder: Encoder,
+    path: Path,
+    num_workers: int | None,
+    progress: str | None = None,
+) -> Audit:
     """Encode chunk by chunk with `num_workers` processes (this one and helpers, see `parallel.py`) and stream
     the examples, in input order, to an Arrow stream file. Each chunk is written to a file of its own by whoever
     encoded it (the helpers inherit the conversations under `fork`): nothing large goes through a pipe either way."""
@@ -207,10 +268,12 @@ def write_examples(conversations: list[Conversation], encoder: Encoder, path: Pa
 
     ranges = [(i, min(i + CHUNK, len(conversations))) for i in range(0, len(conversations), CHUNK)]
     workers = num_workers or usable_cpus()
-    stop_ids = encoder_stop_ids(encoder)
+    stop_ids = encoder.stop_ids
     audit = Audit(stop_ids=stop_ids)
     task = functools.partial(_encode_chunk, encoder, stop_ids, conversations, ranges, path)
-    bar = tqdm(total=len(conversations), desc=f"encoding {progress}", unit=" conversations", disable=not progress)
+    bar = tqdm(
+        total=len(conversations), desc=f"encoding {progress}", unit=" conversations", disable=not progress
+    )
     with bar, pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
         for chunk_file, partial in run_in_order(task, len(ranges), helpers=workers - 1):
             with pa.memory_map(chunk_file) as source:
@@ -230,19 +293,20 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def encoder_stop_ids(encoder: Encoder) -> tuple[int, ...]:
-    extra = [encoder.tokenizer.convert_tokens_to_ids(t) for t in encoder.stops if t in encoder.tokenizer.get_added_vocab()]
-    return stop_token_ids(encoder.tokenizer, None, extra)
-
-
-def _encode_chunk(encoder: Encoder, stop_ids: tuple[int, ...], conversations: list[Conversation],
-                  ranges: list[tuple[int, int]], path: Path, k: int) -> tuple[str, Audit]:
+def _encode_chunk(
+    encoder: Encoder,
+    stop_ids: tuple[int, ...],
+    conversations: list[Conversation],
+    ranges: list[tuple[int, int]],
+    path: Path,
+    k: int,
+) -> tuple[str, Audit]:
     """Encode chunk `k` into an Arrow file beside `path`; returns (that file, the chunk's audit)."""
     import pyarrow as pa
 
     audit = Audit(stop_ids=stop_ids)
     ids, input_ids, labels = [], [], []
-    for conv in conversations[ranges[k][0]:ranges[k][1]]:
+    for conv in conversations[ranges[k][0] : ranges[k][1]]:
         result = encoder.encode(conv)
         audit.add(result)
         for ex in result.examples:
@@ -282,7 +346,11 @@ class LazyDataset:
             for ex in result.examples:
                 if ex.id == example_id:
                     return {"id": ex.id, "input_ids": ex.input_ids, "labels": ex.labels}
-            why = f"rejected: {result.rejected}: {result.detail}" if result.rejected else "nothing left to train after truncation"
+            why = (
+                f"rejected: {result.rejected}: {result.detail}"
+                if result.rejected
+                else "nothing left to train after truncation"
+            )
             logger.warning("lazy preprocessing skips example %s (%s); using the next one", example_id, why)
         raise ConfigError("lazy preprocessing found no usable example")
 

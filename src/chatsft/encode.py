@@ -151,6 +151,14 @@ class Encoder:
     def __getstate__(self):
         return {**self.__dict__, "_backends": {}}
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end generation: the tokenizer's EOS and the template's end-of-turn tokens. The audit checks
+        every trained reply against them, and the final save writes them into `generation_config`."""
+        added = self.tokenizer.get_added_vocab()
+        found = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        return tuple(sorted(found | {added[t] for t in self.stops if t in added}))
+
     # ---- records -> examples ----
 
     def encode(self, conv: Conversation, keep_spans: bool = False) -> Encoded:

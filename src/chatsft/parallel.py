@@ -44,7 +44,9 @@ def run_in_order(task: Callable[[int], T], n: int, helpers: int) -> Iterator[T]:
     try:
         for _ in range(min(helpers, n - 1)):
             receive, send = context.Pipe(duplex=False)
-            proc = context.Process(target=_helper, args=(task, counter, n, send, receive, os.getpid()), daemon=True)
+            proc = context.Process(
+                target=_helper, args=(task, counter, n, send, receive, os.getpid()), daemon=True
+            )
             proc.start()
             send.close()
             procs.append(proc)

@@ -23,15 +23,20 @@ import os
 import statistics
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from chatsft.errors import DataError
 
 ROLE_ALIASES = {
-    "human": "user", "user": "user",
-    "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant",
-    "bing": "assistant", "model": "assistant",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
     "system": "system",
 }
 
@@ -136,14 +141,20 @@ class ReadReport:
 
     def summary(self) -> str:
         lines = [
-            f"files             {len(self.files)}" + (f" ({len(self.file_errors)} unreadable)" if self.file_errors else ""),
+            f"files             {len(self.files)}"
+            + (f" ({len(self.file_errors)} unreadable)" if self.file_errors else ""),
             f"records read      {self.records_read}",
             f"accepted          {self.accepted}",
             f"rejected          {self.rejected_total}",
         ]
-        lines += [f"  {reason:<22}{n}" for reason, n in sorted(self.rejected.items(), key=lambda kv: (-kv[1], kv[0]))]
+        lines += [
+            f"  {reason:<22}{n}"
+            for reason, n in sorted(self.rejected.items(), key=lambda kv: (-kv[1], kv[0]))
+        ]
         if self.leading_assistant_dropped:
-            lines.append(f"leading assistant turns dropped (as FastChat does): {self.leading_assistant_dropped}")
+            lines.append(
+                f"leading assistant turns dropped (as FastChat does): {self.leading_assistant_dropped}"
+            )
         if self.turns:
             lines.append(
                 f"turns per record  min {min(self.turns)}, median {statistics.median(self.turns):g}, "
@@ -172,6 +183,11 @@ class ReadPolicy:
     max_invalid_ratio: float = 0.1
     strict: bool = False
     rejects_path: str | None = None
+
+    def for_eval(self) -> ReadPolicy:
+        """The same policy for the eval files, whose rejected records go beside the training ones."""
+        path = self.rejects_path
+        return replace(self, rejects_path=str(Path(path).with_name("rejected-eval.jsonl")) if path else None)
 
 
 def read_conversations(
@@ -202,7 +218,9 @@ def read_conversations(
                 _reject(report, Problem(source, r.reason, r.detail, index, rid, r.turn), raw=raw)
                 if policy is not None and policy.strict:
                     _finish(report, policy)
-                    raise DataError(f"{report.problems[-1]} (--strict stops at the first rejected record)") from None
+                    raise DataError(
+                        f"{report.problems[-1]} (--strict stops at the first rejected record)"
+                    ) from None
                 continue
             report.accepted += 1
             report.leading_assistant_dropped += dropped
@@ -233,8 +251,15 @@ def _reject(report: ReadReport, problem: Problem, raw) -> None:
     report.rejected[problem.reason] += 1
     report.problems.append(problem)
     report.rejected_records.append(
-        {"source": problem.source, "index": problem.index, "id": problem.id, "turn": problem.turn,
-         "reason": problem.reason, "detail": problem.detail, "record": raw}
+        {
+            "source": problem.source,
+            "index": problem.index,
+            "id": problem.id,
+            "turn": problem.turn,
+            "reason": problem.reason,
+            "detail": problem.detail,
+            "record": raw,
+        }
     )
 
 
@@ -272,7 +297,9 @@ def _iter_records(source: str) -> Iterator:
     if not path.exists():
         raise _FileError("file_missing", "no such file")
     if suffix not in (".json", ".jsonl", ".parquet"):
-        raise _FileError("unknown_format", f"expected .json, .jsonl or .parquet, got {suffix or 'no extension'!r}")
+        raise _FileError(
+            "unknown_format", f"expected .json, .jsonl or .parquet, got {suffix or 'no extension'!r}"
+        )
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -296,10 +323,13 @@ def _iter_records(source: str) -> Iterator:
             yield from _jsonl_records(text, source)  # JSON Lines saved as .json: common, and unambiguous
             return
         hint = " (a trailing comma?)" if text[: e.pos].rstrip().endswith(",") else ""
-        raise _FileError("bad_json", f"{e.msg}{hint} at line {e.lineno} column {e.colno}", f"{e.lineno}:{e.colno}") from None
+        raise _FileError(
+            "bad_json", f"{e.msg}{hint} at line {e.lineno} column {e.colno}", f"{e.lineno}:{e.colno}"
+        ) from None
     if not isinstance(top, list):
         raise _FileError(
-            "not_a_list", f"the top level is a JSON {_type_name(top)}; a .json file must hold a list of records"
+            "not_a_list",
+            f"the top level is a JSON {_type_name(top)}; a .json file must hold a list of records",
         )
     if not top:
         raise _FileError("no_records", "the file holds an empty list")
@@ -312,7 +342,9 @@ def _decode(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise _FileError("not_utf8", f"invalid UTF-8 byte 0x{data[e.start]:02x} at byte offset {e.start}") from None
+        raise _FileError(
+            "not_utf8", f"invalid UTF-8 byte 0x{data[e.start]:02x} at byte offset {e.start}"
+        ) from None
 
 
 def _jsonl_records(text: str, source: str) -> Iterator:
@@ -339,12 +371,23 @@ def _parquet_rows(path: Path) -> list:
 
 
 def _type_name(value) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer", float: "number",
-            type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "object",
+        list: "list",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _id_for_message(raw, index: int) -> str | None:
-    if isinstance(raw, dict) and isinstance(raw.get("id"), (str, int)) and not isinstance(raw.get("id"), bool):
+    if (
+        isinstance(raw, dict)
+        and isinstance(raw.get("id"), (str, int))
+        and not isinstance(raw.get("id"), bool)
+    ):
         return str(raw["id"])
     return None
 
@@ -362,7 +405,10 @@ def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -
 
     key = "conversations" if "conversations" in raw else "messages" if "messages" in raw else None
     if key is None:
-        raise _Reject("missing_turns", f"no `conversations` or `messages` key (keys: {', '.join(sorted(raw)) or 'none'})")
+        raise _Reject(
+            "missing_turns",
+            f"no `conversations` or `messages` key (keys: {', '.join(sorted(raw)) or 'none'})",
+        )
     turns = raw[key]
     if not isinstance(turns, list):
         raise _Reject("turns_not_a_list", f"`{key}` is a JSON {_type_name(turns)}, expected a list of turns")
@@ -377,11 +423,21 @@ def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -
     messages: list[dict[str, str]] = []
     for n, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise _Reject("turn_not_an_object", f"the turn is a JSON {_type_name(turn)}, expected an object", n)
-        rk = role_key if role_key in turn else ("role" if "role" in turn else "from" if "from" in turn else None)
+            raise _Reject(
+                "turn_not_an_object", f"the turn is a JSON {_type_name(turn)}, expected an object", n
+            )
+        rk = (
+            role_key
+            if role_key in turn
+            else ("role" if "role" in turn else "from" if "from" in turn else None)
+        )
         if rk is None:
             raise _Reject("missing_role", f"no `{role_key}` field", n)
-        ck = content_key if content_key in turn else ("content" if "content" in turn else "value" if "value" in turn else None)
+        ck = (
+            content_key
+            if content_key in turn
+            else ("content" if "content" in turn else "value" if "value" in turn else None)
+        )
         if ck is None:
             raise _Reject("missing_content", f"no `{content_key}` field", n)
         role_name, content = turn[rk], turn[ck]
@@ -389,16 +445,28 @@ def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -
             content = _text(content)
         role = ROLE_ALIASES.get(role_name.lower()) if isinstance(role_name, str) else None
         if role is None:
-            raise _Reject("unknown_role", f"`{rk}` is {json.dumps(role_name, ensure_ascii=False)[:60]}; known: "
-                          f"{', '.join(ROLE_ALIASES)}", n)
+            raise _Reject(
+                "unknown_role",
+                f"`{rk}` is {json.dumps(role_name, ensure_ascii=False)[:60]}; known: "
+                f"{', '.join(ROLE_ALIASES)}",
+                n,
+            )
         if content is None:
-            raise _Reject("content_not_string", f"`{ck}` is a JSON {_type_name(turn[ck])}, expected a string", n)
+            raise _Reject(
+                "content_not_string", f"`{ck}` is a JSON {_type_name(turn[ck])}, expected a string", n
+            )
         if role == "system":
             if n != 0 or system is not None:
-                why = "a top-level `system` is also given" if n == 0 else "a system turn is allowed only first"
+                why = (
+                    "a top-level `system` is also given" if n == 0 else "a system turn is allowed only first"
+                )
                 raise _Reject("system_not_first", why, n)
         elif not content or content.isspace():
-            raise _Reject("empty_content", f"the {role} turn's `{ck}` is {'empty' if not content else 'whitespace only'}", n)
+            raise _Reject(
+                "empty_content",
+                f"the {role} turn's `{ck}` is {'empty' if not content else 'whitespace only'}",
+                n,
+            )
         if messages and messages[-1]["role"] == role:
             raise _Reject("repeated_role", f"two {role} turns in a row (turns {n - 1} and {n})", n)
         messages.append({"role": role, "content": content})
@@ -411,7 +479,10 @@ def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -
         del messages[start]  # FastChat skips a conversation's leading assistant turn; we count it
         dropped = 1
     if not any(m["role"] == "assistant" for m in messages):
-        raise _Reject("no_assistant_turn", "no assistant turn to train on" + (" after dropping the leading one" if dropped else ""))
+        raise _Reject(
+            "no_assistant_turn",
+            "no assistant turn to train on" + (" after dropping the leading one" if dropped else ""),
+        )
 
     if rid is not None:
         rid = str(rid)
@@ -419,14 +490,21 @@ def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -
         if rid in first_seen:
             raise _Reject("duplicate_id", f"id {rid!r} was first used at {first_seen[rid]}")
         first_seen[rid] = where
-    return Conversation(id=rid if rid is not None else str(index), messages=messages, source=source, index=index), dropped
+    return Conversation(
+        id=rid if rid is not None else str(index), messages=messages, source=source, index=index
+    ), dropped
 
 
 def _text(value) -> str | None:
     """A turn's text: a string, or OpenAI-style content parts that are all text; None otherwise."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and all(isinstance(p, dict) and p.get("type") == "text"
-                                                 and isinstance(p.get("text"), str) for p in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+        )
+    ):
         return "".join(p["text"] for p in value)
     return None

@@ -249,21 +249,41 @@ def render(
     if template.chat_template is not None:
         return _render_jinja(template, messages, trained, bos, eos, add_generation_prompt)
     system = messages[0]["content"] if start else template.default_system
-    plan = _plan(template, len(messages), start, bool(system), None if trained is None else frozenset(trained),
-                 bos or "", eos or "", add_generation_prompt)
-    out = [Segment(messages[m]["content"] if m >= 0 else text, trainable, m >= 0, turn)
-           for m, text, trainable, turn in plan]
+    plan = _plan(
+        template,
+        len(messages),
+        start,
+        bool(system),
+        None if trained is None else frozenset(trained),
+        bos or "",
+        eos or "",
+        add_generation_prompt,
+    )
+    out = [
+        Segment(messages[m]["content"] if m >= 0 else text, trainable, m >= 0, turn)
+        for m, text, trainable, turn in plan
+    ]
     return out if all(map(_TEXT, out)) else _merge(out)  # an empty message drops out
 
 
 @lru_cache(maxsize=4096)
-def _plan(template: Template, n: int, start: int, system: bool, trained: frozenset[int] | None, bos: str, eos: str,
-          add_generation_prompt: bool) -> tuple[tuple[int, str, bool, int], ...]:
+def _plan(
+    template: Template,
+    n: int,
+    start: int,
+    system: bool,
+    trained: frozenset[int] | None,
+    bos: str,
+    eos: str,
+    add_generation_prompt: bool,
+) -> tuple[tuple[int, str, bool, int], ...]:
     """The segments of every conversation of this shape as (message index or -1 for template text, text,
     trainable, turn), template text merged: rendering fills in the messages. Cached, since a data set has few
     shapes (roles alternate, so the shape is the number of messages and whether the first is a system one)."""
     last = n - 1
-    train = set(range(start + 1, n, 2)) if trained is None else trained  # the assistants: start+1, start+3, ...
+    train = (
+        set(range(start + 1, n, 2)) if trained is None else trained
+    )  # the assistants: start+1, start+3, ...
     single = trained is not None and train == {last} and (last - start) % 2 == 1
     out: list[tuple[int, str, bool, int]] = []
     tokens = {"bos": bos, "eos": eos}
@@ -287,8 +307,11 @@ def _plan(template: Template, n: int, start: int, system: bool, trained: frozens
         emit(template.system, sys_turn)
     for i in range(start, n):
         if (i - start) % 2 == 0:  # a user message
-            emit(template.first_user if (i == start and system and template.first_user) else template.user, i,
-                 message=i)
+            emit(
+                template.first_user if (i == start and system and template.first_user) else template.user,
+                i,
+                message=i,
+            )
             if i < last or add_generation_prompt:
                 emit(template.single_cue if (single and i == last - 1) or i == last else template.join, i)
         else:
@@ -296,7 +319,9 @@ def _plan(template: Template, n: int, start: int, system: bool, trained: frozens
             emit(template.end if (i == last or not template.join) else template.join, i, i in train)
             emit(template.after, i)
     merged: list[tuple[int, str, bool, int]] = []
-    for step in out:  # join neighbouring template texts with the same flags (messages stay whole and separate)
+    for (
+        step
+    ) in out:  # join neighbouring template texts with the same flags (messages stay whole and separate)
         if step[0] < 0 and merged and merged[-1][0] < 0 and merged[-1][2:] == step[2:]:
             merged[-1] = (-1, merged[-1][1] + step[1], step[2], step[3])
         elif step[0] >= 0 or step[1]:

@@ -1,5 +1,4 @@
-"""LoRA through peft: adapters on every linear projection by default, resized embeddings trained too, merging.
-"""
+"""LoRA through peft: adapters on every linear projection by default, resized embeddings trained too, merging."""
 
 from __future__ import annotations
 

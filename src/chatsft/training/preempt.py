@@ -13,11 +13,15 @@ skips the final save and exits with 128 + the signal number, so the scheduler se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from pathlib import Path
 
 from transformers import TrainerCallback
+
+from chatsft.training.checkpoint import CheckpointMarker
 
 logger = logging.getLogger("chatsft")
 
@@ -53,8 +57,10 @@ class PreemptionCallback(TrainerCallback):
         if self._previous:
             return True
         if threading.current_thread() is not threading.main_thread():
-            logger.warning("pre-emption: training runs outside the main thread, so SIGTERM cannot be caught; "
-                           "a SIGTERM will end it without a checkpoint")
+            logger.warning(
+                "pre-emption: training runs outside the main thread, so SIGTERM cannot be caught; "
+                "a SIGTERM will end it without a checkpoint"
+            )
             return False
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -64,6 +70,14 @@ class PreemptionCallback(TrainerCallback):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+
+    def farewell(self, output_dir) -> str:
+        """The line to print when training stopped for a signal."""
+        saved = Path(output_dir) / f"checkpoint-{self.stopped_at}"
+        return (
+            f"stopped by {signal.Signals(self.signum).name} after step {self.stopped_at}: {saved} is saved; "
+            f"run the same command to resume (exit code {self.exit_code})"
+        )
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.received = self.signum = self.stopped_at = None
@@ -75,9 +89,12 @@ class PreemptionCallback(TrainerCallback):
             self.signum, self.stopped_at = signum, state.global_step
             control.should_save = True
             control.should_training_stop = True
-            logger.warning("pre-emption: %s received %s, saving checkpoint-%d and stopping",
-                           signal.Signals(signum).name, "here" if self.received else "by another process",
-                           state.global_step)
+            logger.warning(
+                "pre-emption: %s received %s, saving checkpoint-%d and stopping",
+                signal.Signals(signum).name,
+                "here" if self.received else "by another process",
+                state.global_step,
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()
@@ -93,3 +110,19 @@ class PreemptionCallback(TrainerCallback):
         flag = torch.tensor([signum], dtype=torch.int64, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
+
+
+@contextlib.contextmanager
+def preemptible(trainer):
+    """`with preemptible(trainer) as p: trainer.train()`: SIGTERM checkpoints and stops at a step boundary
+    (`p.stopped_at`, `p.exit_code`); the previous handlers are back afterwards, also after an exception. The
+    trainer must already hold a `CheckpointMarker`, which this callback is put before (both act on the same
+    `on_step_end`)."""
+    callback = PreemptionCallback()
+    callbacks = trainer.callback_handler.callbacks
+    marker = next((i for i, c in enumerate(callbacks) if isinstance(c, CheckpointMarker)), len(callbacks))
+    callbacks.insert(marker, callback)
+    try:
+        yield callback
+    finally:
+        callback.restore()

@@ -8,7 +8,7 @@ after every rank has finished; a checkpoint counts as complete only with that ma
 `trainer_state.json` step, every listed file present at its recorded size and head hash, and whole safetensors
 files. A checkpoint another tool wrote (FastChat's) has no marker: one whose files look whole is resumed from when
 named with --resume_from_checkpoint, and stops an automatic fresh start that would otherwise overwrite it. The
-final save lives in `chatsft.final`.
+final save lives in `chatsft.training.final`.
 """
 
 from __future__ import annotations
@@ -236,8 +236,10 @@ def validate_checkpoint(path: str | os.PathLike) -> tuple[Path, list[str]]:
         return folder, []
     if _unmarked(folder):
         if (unmarked := unmarked_checkpoint_problem(folder)) is None:
-            return folder, [f"resuming from {path}, which chatsft did not mark complete (another tool wrote it, "
-                            "or a save was cut off at its very end): its files look whole"]
+            return folder, [
+                f"resuming from {path}, which chatsft did not mark complete (another tool wrote it, "
+                "or a save was cut off at its very end): its files look whole"
+            ]
         problem = f"it has no {MARKER_NAME} and {unmarked}"
     raise ConfigError(
         f"cannot resume from {path}: {problem}. Choose a complete checkpoint, or leave --resume_from_checkpoint "

@@ -21,11 +21,24 @@ from chatsft.errors import ConfigError, DataError
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 ADAM_BYTES_PER_PARAM = 8  # two fp32 moments per parameter
-# bytes per element of the training dtype (chatsft.model: None means fp32 master weights)
+# bytes per element of the training dtype (chatsft.training.model: None means fp32 master weights)
 DTYPE_BYTES = {None: 4, "fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 _SAFETENSORS_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
 }
 
 

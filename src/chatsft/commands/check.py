@@ -14,10 +14,20 @@ from chatsft.records import read_conversations
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", metavar="FILE", help=".json, .jsonl or .parquet conversation files")
-    parser.add_argument("--rejects", metavar="FILE", help="write every rejected record with its reason as JSONL")
-    parser.add_argument("--max_problems", "--max-problems", type=int, default=20, metavar="N",
-                        help="how many problems to print (default 20; 0 prints all)")
+    parser.add_argument(
+        "files", nargs="+", metavar="FILE", help=".json, .jsonl or .parquet conversation files"
+    )
+    parser.add_argument(
+        "--rejects", metavar="FILE", help="write every rejected record with its reason as JSONL"
+    )
+    parser.add_argument(
+        "--max_problems",
+        "--max-problems",
+        type=int,
+        default=20,
+        metavar="N",
+        help="how many problems to print (default 20; 0 prints all)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

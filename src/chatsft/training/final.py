@@ -16,13 +16,12 @@ import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from chatsft.checkpoint import WEIGHT_FILE_RE, fsync_path, list_files, write_atomic
 from chatsft.errors import ChatsftError, ConfigError
+from chatsft.training.checkpoint import WEIGHT_FILE_RE, fsync_path, list_files, write_atomic
 
 FINAL_MARKER_NAME = "chatsft-final.json"
 FINAL_TMP_NAME = ".chatsft-final-tmp"
 MERGED_SUBDIR = "merged"
-
 
 
 def _as_id_list(value) -> list[int]:
@@ -269,3 +268,33 @@ def save_final(
         _move_into_place(tmp, out)
     accelerator.wait_for_everyone()
     return out
+
+
+def save_run(trainer, tokenizer, encoder, split, output_dir: Path, *, merge: bool = False) -> Path:
+    """`save_final` for a finished `chatsft train` run: the encoder's template as the chat template, its stop ids,
+    the audit and the loss curve beside the weights, and one training conversation to check the template with."""
+    import tempfile
+
+    from chatsft.templates import render_text
+    from chatsft.training.model import restore_use_cache
+    from chatsft.training.plot import plot_loss
+
+    restore_use_cache(trainer.model)
+    template, check = encoder.template, None
+    if split.sample is not None:
+        messages = split.sample.messages
+        messages = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1]
+        check = (messages, render_text(template, messages, bos=tokenizer.bos_token, eos=tokenizer.eos_token))
+    extra = {"audit.json": split.audit_json()}
+    with tempfile.TemporaryDirectory() as tmp:
+        extra["loss.png"] = plot_loss(trainer.state.log_history, Path(tmp) / "loss.png").read_bytes()
+    return save_final(
+        trainer,
+        tokenizer,
+        output_dir,
+        chat_template=template.jinja(),
+        stop_token_ids=list(encoder.stop_ids),
+        extra_files=extra,
+        check_text=check,
+        merge=merge,
+    )

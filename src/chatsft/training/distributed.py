@@ -22,10 +22,19 @@ if TYPE_CHECKING:
 
 TRANSFORMER_WRAP = "TRANSFORMER_BASED_WRAP"
 # accelerate's AcceleratorState turns FSDP on only for these distributed types (accelerate/state.py).
-FSDP_DISTRIBUTED_TYPES = frozenset({
-    "MULTI_GPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_NPU", "MULTI_XPU", "MULTI_HPU",
-    "MULTI_NEURON", "FSDP",
-})
+FSDP_DISTRIBUTED_TYPES = frozenset(
+    {
+        "MULTI_GPU",
+        "MULTI_MLU",
+        "MULTI_SDAA",
+        "MULTI_MUSA",
+        "MULTI_NPU",
+        "MULTI_XPU",
+        "MULTI_HPU",
+        "MULTI_NEURON",
+        "FSDP",
+    }
+)
 
 
 def _base_model(model):
@@ -222,43 +231,3 @@ def gather_full_state_dict(model) -> dict[str, torch.Tensor] | None:
     if distributed and dist.get_rank() != 0:
         return None
     return {name: tensor.detach().cpu() for name, tensor in state.items()}
-
-
-def other_ranks_notices(notices: list[str]) -> list[str]:
-    """What the other processes said that the main one did not, as lines for the main process to print.
-
-    Only the main process prints; this shows it what the others did differently (for instance that they loaded
-    the encoded data from the cache the main process wrote). A notice the main process gave too, word for word or
-    as the start of its own (which adds a detail such as the file it wrote), is not repeated. Each differing
-    notice comes once, prefixed by the ranks that gave it (`ranks 1-7: ...`). A collective under
-    torch.distributed (every rank must call it); empty without it, and on the ranks other than 0.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return []
-    gathered: list[list[str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, list(notices))
-    if dist.get_rank() != 0:
-        return []
-    mine = gathered[0] or []
-    by_notice: dict[str, list[int]] = {}
-    for rank, theirs in enumerate(gathered[1:], start=1):
-        for notice in theirs or []:
-            if not any(m.startswith(notice) for m in mine):
-                by_notice.setdefault(notice, []).append(rank)
-    return [f"{_ranks(ranks)}: {notice}" for notice, ranks in by_notice.items()]
-
-
-def _ranks(ranks: list[int]) -> str:
-    """`rank 3`, `ranks 1-7`, `ranks 1, 4-6`."""
-    spans: list[str] = []
-    start = prev = ranks[0]
-    for r in [*ranks[1:], None]:
-        if r is not None and r == prev + 1:
-            prev = r
-            continue
-        spans.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if r is not None:
-            start = prev = r
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(spans)

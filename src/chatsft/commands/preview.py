@@ -15,7 +15,8 @@ from pathlib import Path
 
 from chatsft.encode import IGNORE_INDEX, Example
 from chatsft.errors import DataError
-from chatsft.prepare import add_source_arguments, load_encoder, read
+from chatsft.records import ReadPolicy, read_conversations
+from chatsft.tokenizer import add_encoder_arguments, load_encoder_from_args
 
 _TRAINED = ("\033[30;42m", "\033[30;102m")
 _PROMPT = ("\033[2m", "\033[0m")
@@ -23,7 +24,7 @@ _RESET, _BOLD = "\033[0m", "\033[1m"
 
 
 def add_arguments(parser) -> None:
-    add_source_arguments(parser)
+    add_encoder_arguments(parser)
     parser.add_argument("--index", type=int, default=0, help="which accepted record, 0-based, in input order")
     parser.add_argument("--id", default=None, help="pick the record by its id instead")
     parser.add_argument("--html", default=None, metavar="FILE", help="also write a standalone HTML page")
@@ -97,8 +98,8 @@ pre {{ white-space: pre-wrap; font-size: 14px; line-height: 1.6; border: 1px sol
 
 
 def run(args) -> int:
-    encoder, _, notices = load_encoder(args)
-    conversations, report = read(args)
+    encoder, notices = load_encoder_from_args(args)
+    conversations, report = read_conversations(args.data_path, policy=ReadPolicy(max_invalid_ratio=1.0))
     if args.id is not None:
         chosen = [c for c in conversations if c.id == args.id]
         if not chosen:

@@ -41,7 +41,14 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024, special_tokens
     )
 
 
-def build_model(tokenizer, hidden_size: int = 64, layers: int = 2, heads: int = 4, max_positions: int = 2048, seed: int = 0):
+def build_model(
+    tokenizer,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    max_positions: int = 2048,
+    seed: int = 0,
+):
     """A small Llama with random weights whose vocabulary matches `tokenizer`."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig

@@ -97,10 +97,13 @@ def check_packing(model, examples: list[dict], tol: float = 1e-4) -> float:
             packed = {k: v.to(device) for k, v in PackedCollator()(examples).items()}
             together = per_token_losses(model, packed)
             alone = [
-                per_token_losses(model, {
-                    "input_ids": torch.tensor([list(ex["input_ids"])], device=device),
-                    "labels": torch.tensor([list(ex["labels"])], device=device),
-                })
+                per_token_losses(
+                    model,
+                    {
+                        "input_ids": torch.tensor([list(ex["input_ids"])], device=device),
+                        "labels": torch.tensor([list(ex["labels"])], device=device),
+                    },
+                )
                 for ex in examples
             ]
     finally:

@@ -16,16 +16,30 @@ from chatsft.errors import ChatsftError
 
 # name -> (module, one-line help). Modules are imported lazily.
 COMMANDS = {
-    "train": ("chatsft.train", "fine-tune a model on conversations (FastChat-compatible flags; see `chatsft train --help`)"),
-    "demo": ("chatsft.demo", "fine-tune a tiny model on the bundled sample conversations and show it answering"),
-    "check": ("chatsft.check", "validate conversation files and say what is wrong, where"),
-    "prepare": ("chatsft.prepare", "write the exact input_ids/labels of every example to a JSONL file"),
-    "preview": ("chatsft.preview", "show which tokens of a record are trained (terminal colours or HTML)"),
+    "train": (
+        "chatsft.commands.train",
+        "fine-tune a model on conversations (FastChat-compatible flags; see `chatsft train --help`)",
+    ),
+    "demo": (
+        "chatsft.commands.demo",
+        "fine-tune a tiny model on the bundled sample conversations and show it answering",
+    ),
+    "check": ("chatsft.commands.check", "validate conversation files and say what is wrong, where"),
+    "prepare": (
+        "chatsft.commands.prepare",
+        "write the exact input_ids/labels of every example to a JSONL file",
+    ),
+    "preview": (
+        "chatsft.commands.preview",
+        "show which tokens of a record are trained (terminal colours or HTML)",
+    ),
 }
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="chatsft", description="Fine-tune causal language models into chat models.")
+    parser = argparse.ArgumentParser(
+        prog="chatsft", description="Fine-tune causal language models into chat models."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parsers = {}
     for name, (_, help_text) in COMMANDS.items():

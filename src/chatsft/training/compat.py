@@ -16,22 +16,51 @@ from chatsft.errors import ConfigError
 # FastChat's `--fsdp "full_shard auto_wrap"` passes through: transformers 5.x still maps it onto fsdp_config itself.
 FLAG_TABLE: dict[str, tuple[str | None, str, str, str | None]] = {
     "--evaluation_strategy": ("--eval_strategy", "same", "renamed in transformers 4.46", None),
-    "--warmup_ratio": ("--warmup_steps", "same", "transformers 5 takes a ratio in [0, 1) as --warmup_steps", None),
+    "--warmup_ratio": (
+        "--warmup_steps",
+        "same",
+        "transformers 5 takes a ratio in [0, 1) as --warmup_steps",
+        None,
+    ),
     "--no_cuda": ("--use_cpu", "same", "renamed in transformers 4.34", None),
     "--per_gpu_train_batch_size": ("--per_device_train_batch_size", "same", "renamed", None),
     "--per_gpu_eval_batch_size": ("--per_device_eval_batch_size", "same", "renamed", None),
-    "--group_by_length": ("--train_sampling_strategy", "bool", "transformers 5 spells it this way", "group_by_length"),
-    "--flash_attn": ("--attn_implementation", "bool", "FastChat's monkey patch is transformers' own kernel now",
-                     "flash_attention_2"),
+    "--group_by_length": (
+        "--train_sampling_strategy",
+        "bool",
+        "transformers 5 spells it this way",
+        "group_by_length",
+    ),
+    "--flash_attn": (
+        "--attn_implementation",
+        "bool",
+        "FastChat's monkey patch is transformers' own kernel now",
+        "flash_attention_2",
+    ),
     "--gradient_checkpointing": ("--activation_checkpointing", "same", "renamed in transformers 5", None),
-    "--gradient_checkpointing_kwargs": ("--activation_checkpointing_kwargs", "same", "renamed in transformers 5", None),
+    "--gradient_checkpointing_kwargs": (
+        "--activation_checkpointing_kwargs",
+        "same",
+        "renamed in transformers 5",
+        None,
+    ),
     "--fsdp_transformer_layer_cls_to_wrap": (None, "layer_cls", "moved into --fsdp_config", None),
     "--save_safetensors": (None, "drop", "weights are always saved as safetensors", None),
-    "--logging_dir": (None, "drop", "removed in transformers 5 (TensorBoard reads TENSORBOARD_LOGGING_DIR)", None),
+    "--logging_dir": (
+        None,
+        "drop",
+        "removed in transformers 5 (TensorBoard reads TENSORBOARD_LOGGING_DIR)",
+        None,
+    ),
     # fastchat/train/train_lora.py
     "--lora_weight_path": (None, "drop", "FastChat declares it but never reads it", None),
-    "--q_lora": (None, "refuse_true", "4-bit QLoRA (bitsandbytes, CUDA only) is not supported; LoRA on a bf16/fp16 "
-                 "base is: --lora_r N with --bf16 True", None),
+    "--q_lora": (
+        None,
+        "refuse_true",
+        "4-bit QLoRA (bitsandbytes, CUDA only) is not supported; LoRA on a bf16/fp16 "
+        "base is: --lora_r N with --bf16 True",
+        None,
+    ),
 }
 
 _FALSE = {"false", "0", "no"}
@@ -67,7 +96,9 @@ def translate_flags(argv: list[str]) -> tuple[list[str], list[str]]:
         elif mapping == "layer_cls":
             classes = [c for v in values for c in v.replace(",", " ").split()]
             fsdp_extra["transformer_layer_cls_to_wrap"] = classes
-            notices.append(f"{name} {' '.join(values)} -> --fsdp_config transformer_layer_cls_to_wrap ({why})")
+            notices.append(
+                f"{name} {' '.join(values)} -> --fsdp_config transformer_layer_cls_to_wrap ({why})"
+            )
         elif mapping == "refuse_true" and (not values or values[0].lower() not in _FALSE):
             raise ConfigError(f"{name}: {why}")
         else:
@@ -89,4 +120,4 @@ def _merge_fsdp_config(argv: list[str], extra: dict) -> list[str]:
             config = json.load(f)
     for key, value in extra.items():
         config.setdefault(key, value)
-    return argv[:i] + ["--fsdp_config", json.dumps(config)] + argv[i + 2:]
+    return argv[:i] + ["--fsdp_config", json.dumps(config)] + argv[i + 2 :]

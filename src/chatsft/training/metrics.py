@@ -84,8 +84,11 @@ class TokenMeter:
         now = self.clock()
         elapsed = max(now - self.since, 1e-9)
         counts = [self.totals[k] for k in FIELDS]
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1
+        ):
             t = torch.tensor(counts, dtype=torch.float64, device=device)
             torch.distributed.all_reduce(t)
             counts = [int(v) for v in t.tolist()]

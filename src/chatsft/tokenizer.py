@@ -1,0 +1,227 @@
+"""Load a tokenizer as training sees it: the model's config, its family preset, special tokens, a pad token.
+
+No weights are read (data problems surface before the model loads) and nothing here imports torch, so `prepare`,
+`preview` and `check` stay light. `load_encoder` is the one path from a model folder to an `Encoder` and its stop
+ids, shared by `train`, `prepare` and `preview`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+from chatsft.encode import LOSS_MODES, Encoder, loss_mode_from_flags
+from chatsft.errors import ConfigError
+from chatsft.families import Preset, resolve_preset
+from chatsft.templates import TEMPLATE_CHOICES, get_template
+
+
+class PreparedTokenizer(NamedTuple):
+    tokenizer: object
+    preset: Preset
+    notices: list[str]
+
+
+def check_model_path(path, what: str) -> str:
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise ConfigError(f"{what} path {path!r} is a file; give the model folder")
+        return path
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise ConfigError(f"{what} folder {path!r} does not exist")
+    return path  # an "org/name" hub id: transformers resolves it from its cache (or the hub when online)
+
+
+def hub_error(path: str, what: str, err: Exception) -> ConfigError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ConfigError(f"cannot load the {what} from {path!r}: {first}")
+
+
+def load_config(path, *, trust_remote_code: bool = False):
+    """The model's config, with a `ConfigError` for a missing folder or a folder without config.json."""
+    from transformers import AutoConfig
+
+    path = check_model_path(path, "model")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"model folder {path!r} has no config.json")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:  # unreadable JSON, unknown model_type, remote code refused
+        raise hub_error(path, "model config", err) from None
+
+
+def load_tokenizer(
+    path, *, model_max_length: int, trust_remote_code: bool = False, padding_side: str = "right"
+):
+    """The (fast) tokenizer from a local folder or a cached hub id, with model_max_length and padding_side."""
+    from transformers import AutoTokenizer
+
+    if padding_side not in ("right", "left"):
+        raise ConfigError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
+    path = check_model_path(path, "tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(
+            path,
+            model_max_length=model_max_length,
+            padding_side=padding_side,
+            trust_remote_code=trust_remote_code,
+        )
+    # no tokenizer files, protobuf missing, remote code refused
+    except (OSError, ValueError, TypeError) as err:
+        raise hub_error(path, "tokenizer", err) from None
+
+
+def add_special_tokens(tokenizer, tokens: list[str]) -> int:
+    """Add the tokens the tokenizer lacks as special tokens; return how many were new. The model's embeddings
+    follow when it loads (`chatsft.training.model.load_model_for`; FastChat's Yuan2 script forgets this)."""
+    return tokenizer.add_tokens(list(tokens), special_tokens=True) if tokens else 0
+
+
+def setup_pad_token(tokenizer) -> str:
+    """Give the tokenizer a pad token: its own ("kept"), else the unk token ("unk", FastChat's choice), else a
+    new `<pad>` ("added"). The model's embeddings and `config.pad_token_id` follow when it loads."""
+    if tokenizer.pad_token is not None:
+        how = "kept"
+    elif tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+        how = "unk"
+    else:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        how = "added"
+    return how
+
+
+def prepare_tokenizer(
+    path,
+    *,
+    model_max_length: int,
+    tokenizer_path=None,
+    model_family: str | None = None,
+    trust_remote_code: bool = False,
+    padding_side: str = "right",
+    extra_special_tokens: list[str] | None = None,
+    config=None,
+) -> PreparedTokenizer:
+    """Config -> family preset -> tokenizer with the family's and the user's special tokens and a pad token.
+
+    Reads only the config (pass it when the
+    caller has read it already), never the weights, so data problems surface before the model is loaded.
+    """
+    config = config or load_config(path, trust_remote_code=trust_remote_code)
+    preset = resolve_preset(config, model_family=model_family, name_or_path=os.fspath(path))
+    tokenizer = load_tokenizer(
+        tokenizer_path or path,
+        model_max_length=model_max_length,
+        trust_remote_code=trust_remote_code,
+        padding_side=padding_side,
+    )
+    notices = []
+    if preset.name != "none":
+        added = add_special_tokens(tokenizer, preset.special_tokens)
+        notices.append(
+            f"family {preset.name}: template {preset.template}"
+            + (f", {added} special tokens added" if preset.special_tokens else "")
+        )
+    if extra_special_tokens:
+        added = add_special_tokens(tokenizer, extra_special_tokens)
+        notices.append(f"--add_special_tokens: {added} of {len(extra_special_tokens)} tokens were new")
+    pad = setup_pad_token(tokenizer)
+    notices.append(f"pad token {tokenizer.pad_token!r} ({pad})")
+    return PreparedTokenizer(tokenizer, preset, notices)
+
+
+class LoadedEncoder(NamedTuple):
+    encoder: Encoder
+    notices: list[str]
+
+
+def load_encoder(
+    path,
+    *,
+    conv_template: str,
+    loss_mode: str,
+    model_max_length: int,
+    tokenizer=None,
+    model_family: str | None = None,
+    extra_special_tokens: list[str] | None = None,
+    preset: Preset | None = None,
+) -> LoadedEncoder:
+    """Tokenizer -> template -> encoder -> stop ids, as `chatsft train` resolves them.
+
+    `path` is a model folder (config.json: family presets apply) or a folder with only tokenizer files. Pass
+    `tokenizer` (and its `preset`) when the caller has prepared it already.
+    """
+    path, notices = Path(path), []
+    if tokenizer is None and (path / "config.json").is_file():
+        tokenizer, preset, notices = prepare_tokenizer(
+            path,
+            model_max_length=model_max_length,
+            model_family=model_family,
+            extra_special_tokens=extra_special_tokens,
+        )
+    elif tokenizer is None:  # a tokenizer-only folder
+        tokenizer = load_tokenizer(path, model_max_length=model_max_length)
+        if extra_special_tokens:
+            added = add_special_tokens(tokenizer, extra_special_tokens)
+            notices.append(f"--add_special_tokens: {added} of {len(extra_special_tokens)} tokens were new")
+    if conv_template == "auto" and preset is not None and preset.template:
+        conv_template = preset.template
+    template, notice = get_template(conv_template, tokenizer)
+    encoder = Encoder(template, tokenizer, loss_mode, model_max_length)
+    return LoadedEncoder(encoder, [*notices, notice, f"loss mode: {loss_mode}"])
+
+
+def add_encoder_arguments(parser) -> None:
+    """The flags of `load_encoder_from_args`, as `prepare` and `preview` take them: the names and meaning of
+    `chatsft train`'s."""
+    parser.add_argument(
+        "--data_path",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="conversation files (.json, .jsonl, .parquet; ShareGPT or OpenAI messages)",
+    )
+    parser.add_argument(
+        "--model_name_or_path", required=True, metavar="PATH", help="model or tokenizer folder (local)"
+    )
+    parser.add_argument(
+        "--conv_template",
+        default="auto",
+        choices=TEMPLATE_CHOICES,
+        help="prompt format; auto = the tokenizer's chat_template, else vicuna_v1.1",
+    )
+    parser.add_argument("--loss_mode", default=None, choices=LOSS_MODES, help="default: assistant_turns")
+    for flag in ("efficient_loss", "last_response_loss", "split_example_loss"):
+        parser.add_argument(f"--{flag}", action="store_true", help="FastChat/Yuan2 flag for --loss_mode")
+    parser.add_argument(
+        "--model_max_length",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="truncate examples to N tokens, keeping the start (default 2048, as train)",
+    )
+    parser.add_argument("--model_family", default=None, help="preset (yuan2, baichuan, baichuan2)")
+    parser.add_argument(
+        "--add_special_tokens",
+        nargs="*",
+        default=[],
+        metavar="TOKEN",
+        help="extra special tokens to register, as in train",
+    )
+
+
+def load_encoder_from_args(args) -> LoadedEncoder:
+    """`load_encoder` from the flags of `add_encoder_arguments`."""
+    loss_mode = loss_mode_from_flags(
+        args.loss_mode, args.efficient_loss, args.last_response_loss, args.split_example_loss
+    )
+    return load_encoder(
+        args.model_name_or_path,
+        conv_template=args.conv_template,
+        loss_mode=loss_mode,
+        model_max_length=args.model_max_length,
+        model_family=args.model_family,
+        extra_special_tokens=args.add_special_tokens,
+    )
