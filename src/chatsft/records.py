@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from chatsft.errors import DataError
+from chatsft.sources import FILE_REASONS, BadLine, FileError, iter_records, type_name
 
 ROLE_ALIASES = {
     "human": "user",
@@ -40,18 +41,6 @@ ROLE_ALIASES = {
     "system": "system",
 }
 
-# Stable reason codes. File-level ones make the whole file unreadable; the others reject one record.
-FILE_REASONS = {
-    "file_missing": "the file does not exist",
-    "file_unreadable": "the file cannot be opened (a directory, or no permission)",
-    "file_empty": "the file is empty",
-    "not_utf8": "the file is not valid UTF-8",
-    "bad_json": "the file is not valid JSON",
-    "not_a_list": "the top level of a .json file must be a list of records",
-    "no_records": "the file holds no records",
-    "bad_parquet": "the parquet file cannot be read",
-    "unknown_format": "the file extension is not .json, .jsonl or .parquet",
-}
 RECORD_REASONS = {
     "bad_json_line": "a JSON Lines line is not valid JSON",
     "not_an_object": "the record is not a JSON object",
@@ -214,7 +203,7 @@ def read_conversations(
                 conv, dropped = _to_conversation(item, source, index, first_seen)
             except _Reject as r:
                 rid = _id_for_message(item, index)
-                raw = item.line if isinstance(item, _BadLine) else item
+                raw = item.line if isinstance(item, BadLine) else item
                 _reject(report, Problem(source, r.reason, r.detail, index, rid, r.turn), raw=raw)
                 if policy is not None and policy.strict:
                     _finish(report, policy)
@@ -263,6 +252,22 @@ def _reject(report: ReadReport, problem: Problem, raw) -> None:
     )
 
 
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
 class _Items:
     """Iterator over (index, raw record | Problem) of one file; `error` is set if the file is unreadable."""
 
@@ -272,114 +277,9 @@ class _Items:
 
     def __iter__(self) -> Iterator:
         try:
-            yield from _iter_records(self.source)
-        except _FileError as e:
+            yield from iter_records(self.source)
+        except FileError as e:
             self.error = Problem(self.source, e.reason, e.detail, position=e.position)
-
-
-@dataclass(frozen=True)
-class _BadLine:
-    """A JSON Lines line that does not parse: rejected as a record, the other lines still read."""
-
-    detail: str
-    line: str
-
-
-class _FileError(Exception):
-    def __init__(self, reason: str, detail: str, position: str | None = None):
-        super().__init__(detail)
-        self.reason, self.detail, self.position = reason, detail, position
-
-
-def _iter_records(source: str) -> Iterator:
-    path = Path(source)
-    suffix = path.suffix.lower()
-    if not path.exists():
-        raise _FileError("file_missing", "no such file")
-    if suffix not in (".json", ".jsonl", ".parquet"):
-        raise _FileError(
-            "unknown_format", f"expected .json, .jsonl or .parquet, got {suffix or 'no extension'!r}"
-        )
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise _FileError("file_unreadable", e.strerror or str(e)) from None
-    if not data.strip():
-        raise _FileError("file_empty", "the file is empty" if not data else "the file holds only whitespace")
-    if suffix == ".parquet":
-        rows = _parquet_rows(path)
-        if not rows:
-            raise _FileError("no_records", "the parquet file has no rows")
-        yield from enumerate(rows)
-        return
-    text = _decode(data)
-    if suffix == ".jsonl":
-        yield from _jsonl_records(text, source)
-        return
-    try:
-        top = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data" and text.lstrip().startswith("{"):
-            yield from _jsonl_records(text, source)  # JSON Lines saved as .json: common, and unambiguous
-            return
-        hint = " (a trailing comma?)" if text[: e.pos].rstrip().endswith(",") else ""
-        raise _FileError(
-            "bad_json", f"{e.msg}{hint} at line {e.lineno} column {e.colno}", f"{e.lineno}:{e.colno}"
-        ) from None
-    if not isinstance(top, list):
-        raise _FileError(
-            "not_a_list",
-            f"the top level is a JSON {_type_name(top)}; a .json file must hold a list of records",
-        )
-    if not top:
-        raise _FileError("no_records", "the file holds an empty list")
-    yield from enumerate(top)
-
-
-def _decode(data: bytes) -> str:
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _FileError(
-            "not_utf8", f"invalid UTF-8 byte 0x{data[e.start]:02x} at byte offset {e.start}"
-        ) from None
-
-
-def _jsonl_records(text: str, source: str) -> Iterator:
-    index = -1
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        index += 1
-        try:
-            yield index, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield index, _BadLine(f"line {lineno} column {e.colno}: {e.msg}", line)
-    if index < 0:
-        raise _FileError("no_records", "the file holds no JSON lines")
-
-
-def _parquet_rows(path: Path) -> list:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as e:  # pyarrow raises several types for corrupt files
-        raise _FileError("bad_parquet", str(e).splitlines()[0] if str(e) else type(e).__name__) from None
-
-
-def _type_name(value) -> str:
-    return {
-        dict: "object",
-        list: "list",
-        str: "string",
-        bool: "boolean",
-        int: "integer",
-        float: "number",
-        type(None): "null",
-    }.get(type(value), type(value).__name__)
 
 
 def _id_for_message(raw, index: int) -> str | None:
@@ -394,14 +294,14 @@ def _id_for_message(raw, index: int) -> str | None:
 
 def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -> tuple[Conversation, int]:
     """Validate one raw record; return it as a Conversation and how many leading assistant turns were dropped."""
-    if isinstance(raw, _BadLine):
+    if isinstance(raw, BadLine):
         raise _Reject("bad_json_line", raw.detail)
     if not isinstance(raw, dict):
-        raise _Reject("not_an_object", f"the record is a JSON {_type_name(raw)}, expected an object")
+        raise _Reject("not_an_object", f"the record is a JSON {type_name(raw)}, expected an object")
 
     rid = raw.get("id")
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-        raise _Reject("bad_id", f"`id` is a JSON {_type_name(rid)}, expected a string or an integer")
+        raise _Reject("bad_id", f"`id` is a JSON {type_name(rid)}, expected a string or an integer")
 
     key = "conversations" if "conversations" in raw else "messages" if "messages" in raw else None
     if key is None:
@@ -411,20 +311,20 @@ def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -
         )
     turns = raw[key]
     if not isinstance(turns, list):
-        raise _Reject("turns_not_a_list", f"`{key}` is a JSON {_type_name(turns)}, expected a list of turns")
+        raise _Reject("turns_not_a_list", f"`{key}` is a JSON {type_name(turns)}, expected a list of turns")
     if not turns:
         raise _Reject("no_turns", f"`{key}` is an empty list")
     role_key, content_key = ("from", "value") if key == "conversations" else ("role", "content")
 
     system = raw.get("system")
     if system is not None and not isinstance(system, str):
-        raise _Reject("bad_system", f"top-level `system` is a JSON {_type_name(system)}, expected a string")
+        raise _Reject("bad_system", f"top-level `system` is a JSON {type_name(system)}, expected a string")
 
     messages: list[dict[str, str]] = []
     for n, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise _Reject(
-                "turn_not_an_object", f"the turn is a JSON {_type_name(turn)}, expected an object", n
+                "turn_not_an_object", f"the turn is a JSON {type_name(turn)}, expected an object", n
             )
         rk = (
             role_key
@@ -453,7 +353,7 @@ def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -
             )
         if content is None:
             raise _Reject(
-                "content_not_string", f"`{ck}` is a JSON {_type_name(turn[ck])}, expected a string", n
+                "content_not_string", f"`{ck}` is a JSON {type_name(turn[ck])}, expected a string", n
             )
         if role == "system":
             if n != 0 or system is not None:
