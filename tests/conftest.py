@@ -109,3 +109,23 @@ def write_file(tmp_path):
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+TINY_CTX, TINY_THETA = 64, 500000.0
+
+
+def save_tiny(dest, tokenizer, layers: int = 1):
+    """A tiny Llama (hidden 32, context 64, rope_theta 500000) and its tokenizer saved to `dest`."""
+    from chatsft.training.tiny import build_model
+
+    model = build_model(tokenizer, hidden_size=32, layers=layers, heads=4, max_positions=TINY_CTX)
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": TINY_THETA}
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, bpe_tokenizer):
+    """A tiny saved Llama with the byte-level BPE tokenizer (see `save_tiny`)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny"), bpe_tokenizer)
