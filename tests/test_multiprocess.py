@@ -42,7 +42,6 @@ from chatsft_runs import (
 
 from chatsft.training.checkpoint import checkpoint_problem
 from chatsft.training.final import FINAL_MARKER_NAME
-from chatsft.training.notices import _ranks, other_ranks_notices
 
 MAX_STEPS, SAVE_STEPS, BATCH, ACCUMULATION = 6, 3, 2, 2
 
@@ -310,10 +309,3 @@ def test_fsdp_full_shard_on_gpu(setup, tmp_path):
     resumed = weights(out)
     for name in w_fsdp:
         torch.testing.assert_close(resumed[name], w_fsdp[name], rtol=0, atol=1e-4, msg=name)
-
-
-def test_other_ranks_notices_single_process_and_rank_lists():
-    assert other_ranks_notices(["anything"]) == []  # no process group: nothing to gather
-    assert _ranks([1]) == "rank 1"
-    assert _ranks(list(range(1, 8))) == "ranks 1-7"
-    assert _ranks([1, 4, 5, 6, 9]) == "ranks 1, 4-6, 9"
