@@ -18,16 +18,17 @@ Choices where the format is silent:
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
-import statistics
+from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from chatsft.errors import DataError
-from chatsft.sources import FILE_REASONS, BadLine, FileError, iter_records, type_name
+from chatsft.sources import FILE_REASONS, BadLine, FileError, iter_records, shards, type_name
 
 ROLE_ALIASES = {
     "human": "user",
@@ -121,8 +122,16 @@ class ReadReport:
     problems: list[Problem] = field(default_factory=list)
     rejected_records: list[dict] = field(default_factory=list)
     leading_assistant_dropped: int = 0
-    turns: list[int] = field(default_factory=list)
+    turn_histogram: Counter = field(default_factory=Counter)  # turns per accepted record -> how many records
     characters: int = 0
+    keep: bool = True  # hold every problem and rejected record (check); training only counts and streams them
+    first_problem: Problem | None = None
+    last_problem: Problem | None = None
+
+    @property
+    def turns(self) -> list[int]:
+        """Turns per accepted record, sorted (a histogram is kept, not one number per record)."""
+        return sorted(self.turn_histogram.elements())
 
     @property
     def rejected_total(self) -> int:
@@ -144,11 +153,8 @@ class ReadReport:
             lines.append(
                 f"leading assistant turns dropped (as FastChat does): {self.leading_assistant_dropped}"
             )
-        if self.turns:
-            lines.append(
-                f"turns per record  min {min(self.turns)}, median {statistics.median(self.turns):g}, "
-                f"max {max(self.turns)}"
-            )
+        if h := self.turn_histogram:
+            lines.append(f"turns per record  min {min(h)}, median {_median(h):g}, max {max(h)}")
         lines.append(f"characters        {self.characters:,}")
         return "\n".join(lines)
 
@@ -158,6 +164,20 @@ class ReadReport:
         with open(path, "w", encoding="utf-8") as f:
             for row in self.rejected_records:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _median(histogram: Counter) -> float:
+    """`statistics.median` of the values a histogram counts, without expanding it."""
+    n, seen, below = sum(histogram.values()), 0, None
+    for value in sorted(histogram):
+        seen += histogram[value]
+        if below is None and 2 * seen >= n:
+            below = value
+            if 2 * seen > n or n % 2:
+                return value
+        elif below is not None:
+            return (below + value) / 2
+    return below
 
 
 @dataclass(frozen=True)
@@ -182,90 +202,186 @@ class ReadPolicy:
 def read_conversations(
     paths: str | os.PathLike | Sequence[str | os.PathLike], policy: ReadPolicy | None = None
 ) -> tuple[list[Conversation], ReadReport]:
-    """Read and validate every record of `paths` in order.
+    """Read and validate every record of `paths` in order, into a list (what `check`, `preview` and `prepare`
+    want; training streams with `iter_conversations`).
 
     With `policy=None` (what `chatsft check` uses) nothing raises: unreadable files and rejected records are
     only reported. With a policy (the training path), an unreadable file, a rejected record under `strict`, or
     too many rejected records raise `DataError`; rejected records are written to `policy.rejects_path`.
     """
+    report = ReadReport()
+    return list(iter_conversations(paths, policy, report)), report
+
+
+def iter_conversations(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    policy: ReadPolicy | None = None,
+    report: ReadReport | None = None,
+    *,
+    prepare=None,
+) -> Iterator[Conversation]:
+    """Yield the accepted conversations of `paths` one at a time, counting every record into `report`.
+
+    Memory does not grow with the data except by the id set (`SeenIds`, 12-36 bytes per record with an id)
+    and, when `report.keep` is set, the problems and rejected records kept for `check`. Rejected records are
+    written to `policy.rejects_path` as they are met. `prepare(source, raw)`, if given, maps each raw record
+    before validation (a mixture source's field and role mapping)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    report = ReadReport()
-    conversations: list[Conversation] = []
-    first_seen: dict[str, str] = {}
-    for path in paths:
-        source = str(path)
-        report.files.append(source)
-        items = _Items(source)
-        for index, item in items:
-            report.records_read += 1
-            try:
-                conv, dropped = _to_conversation(item, source, index, first_seen)
-            except _Reject as r:
-                rid = _id_for_message(item, index)
-                raw = item.line if isinstance(item, BadLine) else item
-                _reject(report, Problem(source, r.reason, r.detail, index, rid, r.turn), raw=raw)
-                if policy is not None and policy.strict:
-                    _finish(report, policy)
-                    raise DataError(
-                        f"{report.problems[-1]} (--strict stops at the first rejected record)"
-                    ) from None
-                continue
-            report.accepted += 1
-            report.leading_assistant_dropped += dropped
-            report.turns.append(len(conv.messages) - (conv.messages[0]["role"] == "system"))
-            report.characters += sum([len(m["content"]) for m in conv.messages])
-            conversations.append(conv)
-        if items.error is not None:
-            report.file_errors.append(items.error)
-            if policy is not None:
-                raise DataError(str(items.error))
+    report = report if report is not None else ReadReport()
+    first_seen = SeenIds()
+    with _RejectsFile(policy.rejects_path if policy is not None else None) as rejects:
+        for source in _shards(paths, report, policy):
+            report.files.append(source)
+            first_seen.begin(source, report.records_read)
+            items = _Items(source)
+            for index, item in items:
+                report.records_read += 1
+                first_seen.ordinal = report.records_read - 1
+                try:
+                    if prepare is not None and not isinstance(item, BadLine):
+                        item = prepare(source, item)
+                    conv, dropped = _to_conversation(item, source, index, first_seen)
+                except _Reject as r:
+                    rid = _id_for_message(item, index)
+                    raw = item.line if isinstance(item, BadLine) else item
+                    problem = Problem(source, r.reason, r.detail, index, rid, r.turn)
+                    rejects.write(_reject(report, problem, raw))
+                    if policy is not None and policy.strict:
+                        raise DataError(
+                            f"{report.last_problem} (--strict stops at the first rejected record)"
+                        ) from None
+                    continue
+                report.accepted += 1
+                report.leading_assistant_dropped += dropped
+                report.turn_histogram[len(conv.messages) - (conv.messages[0]["role"] == "system")] += 1
+                report.characters += sum([len(m["content"]) for m in conv.messages])
+                yield conv
+            if items.error is not None:
+                report.file_errors.append(items.error)
+                if policy is not None:
+                    raise DataError(str(items.error))
     if policy is not None:
-        _finish(report, policy)
-        if report.records_read and report.rejected_total / report.records_read > policy.max_invalid_ratio:
-            raise DataError(
-                f"{report.rejected_total} of {report.records_read} records were rejected, more than "
-                f"--max_invalid_ratio {policy.max_invalid_ratio:g}; first: {report.problems[0]}. "
-                f"Run `chatsft check` on the data to see every problem."
-            )
-    return conversations, report
+        check_invalid_ratio(report, policy)
 
 
-def _finish(report: ReadReport, policy: ReadPolicy) -> None:
-    if policy.rejects_path and report.rejected_records:
-        report.write_rejects(policy.rejects_path)
+def _shards(paths, report: ReadReport, policy: ReadPolicy | None) -> Iterator[str]:
+    """Each given path, a folder standing for its shard files in name order."""
+    for path in paths:
+        try:
+            yield from shards(str(path))
+        except FileError as e:
+            report.files.append(str(path))
+            report.file_errors.append(Problem(str(path), e.reason, e.detail, position=e.position))
+            if policy is not None:
+                raise DataError(str(report.file_errors[-1])) from None
 
 
-def _reject(report: ReadReport, problem: Problem, raw) -> None:
+def check_invalid_ratio(report: ReadReport, policy: ReadPolicy) -> None:
+    """Raise when more than `--max_invalid_ratio` of the records read were rejected."""
+    if report.records_read and report.rejected_total / report.records_read > policy.max_invalid_ratio:
+        raise DataError(
+            f"{report.rejected_total} of {report.records_read} records were rejected, more than "
+            f"--max_invalid_ratio {policy.max_invalid_ratio:g}; first: {report.first_problem}. "
+            f"Run `chatsft check` on the data to see every problem."
+        )
+
+
+class _RejectsFile:
+    """Rejected records written as they are met (JSON Lines): none is held in memory on the training path."""
+
+    def __init__(self, path: str | None):
+        self.path, self.file = path, None
+
+    def write(self, row: dict) -> None:
+        if self.path is None:
+            return
+        if self.file is None:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "w", encoding="utf-8")  # closed by __exit__
+        self.file.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+
+
+def _reject(report: ReadReport, problem: Problem, raw) -> dict:
     report.rejected[problem.reason] += 1
-    report.problems.append(problem)
-    report.rejected_records.append(
-        {
-            "source": problem.source,
-            "index": problem.index,
-            "id": problem.id,
-            "turn": problem.turn,
-            "reason": problem.reason,
-            "detail": problem.detail,
-            "record": raw,
-        }
-    )
+    report.last_problem = problem
+    if report.first_problem is None:
+        report.first_problem = problem
+    row = {
+        "source": problem.source,
+        "index": problem.index,
+        "id": problem.id,
+        "turn": problem.turn,
+        "reason": problem.reason,
+        "detail": problem.detail,
+        "record": raw,
+    }
+    if report.keep:
+        report.problems.append(problem)
+        report.rejected_records.append(row)
+    return row
 
 
+class SeenIds:
+    """The ids met so far, for `duplicate_id`: an open-addressing table of 64-bit string hashes and 32-bit
+    record numbers in two flat arrays (12 bytes a slot, kept at most 2/3 full: 18-36 MB per million ids), in
+    place of a dict of strings (about 150 bytes an id). Two different ids with the same 64-bit hash would be
+    taken for duplicates: about one chance in 10^6 at 10^7 ids. Used as the `first_seen` mapping of
+    `_to_conversation`: the location it returns is the `source:index` of the first record with that id
+    (`ordinal`, set by the read loop, is the number of the record being validated)."""
 
+    def __init__(self, capacity: int = 1 << 12):
+        self._keys, self._where = array("q", bytes(8 * capacity)), array("I", bytes(4 * capacity))
+        self._size, self._starts, self._sources, self.ordinal = 0, [], [], 0
 
+    def begin(self, source: str, first_ordinal: int) -> None:
+        self._starts.append(first_ordinal)
+        self._sources.append(source)
 
+    def _slot(self, h: int) -> int:
+        keys, mask = self._keys, len(self._keys) - 1
+        i = h & mask
+        while (k := keys[i]) != 0 and k != h:
+            i = (i + 1) & mask
+        return i
 
+    def __contains__(self, rid: str) -> bool:
+        return self._keys[self._slot(hash(rid) or 1)] != 0  # 0 marks an empty slot
 
+    def __getitem__(self, rid: str) -> str:
+        i = self._slot(hash(rid) or 1)
+        if self._keys[i] == 0:
+            raise KeyError(rid)
+        ordinal = self._where[i]
+        n = bisect.bisect_right(self._starts, ordinal) - 1
+        return f"{self._sources[n]}:{ordinal - self._starts[n]}"
 
+    def __setitem__(self, rid: str, _where: str) -> None:
+        h = hash(rid) or 1
+        i = self._slot(h)
+        if self._keys[i] == 0:
+            self._size += 1
+        self._keys[i], self._where[i] = h, self.ordinal
+        if 3 * self._size > 2 * len(self._keys):
+            self._grow()
 
+    def _grow(self) -> None:
+        keys, where = self._keys, self._where
+        self._keys, self._where = array("q", bytes(16 * len(keys))), array("I", bytes(8 * len(keys)))
+        for k, w in zip(keys, where, strict=True):
+            if k:
+                i = self._slot(k)
+                self._keys[i], self._where[i] = k, w
 
-
-
-
-
-
-
+    def __len__(self) -> int:
+        return self._size
 
 
 class _Items:
