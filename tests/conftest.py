@@ -1,5 +1,5 @@
-"""Shared fixtures: real tokenizers built offline (Mistral-7B-v0.1 SentencePiece from the mistral-common wheel,
-byte-level BPE trained in-process) and helpers to write data files."""
+"""Shared fixtures: real tokenizers built offline (Mistral-7B-v0.1 SentencePiece from the mistral-common
+wheel, byte-level BPE trained in-process) and helpers to write data files."""
 
 from __future__ import annotations
 
@@ -69,17 +69,13 @@ def bpe_tokenizer():
     return build_tokenizer(BPE_CORPUS, vocab_size=400)
 
 
-# Control markers of the built-in templates that the tiny tokenizer does not have by default.
-EXTRA_MARKERS = [
-    "<|begin_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-    "<reserved_102>",
-    "<reserved_103>",
-    "<reserved_106>",
-    "<reserved_107>",
-]
+def extra_markers() -> list[str]:
+    """Control markers of the built-in templates (read from the table) that the tiny tokenizer lacks."""
+    from chatsft.templates import BUILTINS
+    from chatsft.training.tiny import TINY_SPECIAL_TOKENS
+
+    markers = {m for t in BUILTINS.values() for m in t.markers if m not in ("{bos}", "{eos}")}
+    return sorted(markers - set(TINY_SPECIAL_TOKENS))
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +83,7 @@ def bpe_all_markers():
     """Byte-level BPE holding every built-in template's control markers as special tokens."""
     from chatsft.training.tiny import TINY_SPECIAL_TOKENS, build_tokenizer
 
-    return build_tokenizer(BPE_CORPUS, vocab_size=400, special_tokens=TINY_SPECIAL_TOKENS + EXTRA_MARKERS)
+    return build_tokenizer(BPE_CORPUS, vocab_size=400, special_tokens=TINY_SPECIAL_TOKENS + extra_markers())
 
 
 @pytest.fixture()

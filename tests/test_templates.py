@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import chatsft
 from chatsft.errors import ConfigError
 from chatsft.templates import (
     BUILTINS,
@@ -60,8 +62,8 @@ GOLDEN = {
         "<|start_header_id|>assistant<|end_header_id|>\n\na2<|eot_id|>",
     ),
     "mistral": (
-        "<s>[INST] q1 [/INST] a1</s>[INST] q2 [/INST] a2</s>",
-        "<s>[INST] SYS\nq1 [/INST] a1</s>[INST] q2 [/INST] a2</s>",
+        "<s> [INST] q1 [/INST] a1</s> [INST] q2 [/INST] a2</s>",
+        "<s> [INST] SYS\n\nq1 [/INST] a1</s> [INST] q2 [/INST] a2</s>",
     ),
     "chatml": (
         "<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n"
@@ -78,7 +80,7 @@ GOLDEN_PROMPT = {
     "baichuan2-chat": "<reserved_106>q1<reserved_107>a1</s><reserved_106>q2<reserved_107>",
     "llama-2": "<s>[INST] q1 [/INST] a1 </s><s>[INST] q2 [/INST]",
     "llama-3": GOLDEN["llama-3"][0][: -len("a2<|eot_id|>")],
-    "mistral": "<s>[INST] q1 [/INST] a1</s>[INST] q2 [/INST]",
+    "mistral": "<s> [INST] q1 [/INST] a1</s> [INST] q2 [/INST]",
     "chatml": GOLDEN["chatml"][0][: -len("a2<|im_end|>\n")],
     "yuan2": "q1<n>a1<n>q2<sep>",
 }
@@ -266,3 +268,81 @@ def test_segments_are_frozen_and_templates_module_imports_no_torch():
         Segment("a", True, False, 0).text = "b"
     code = "import sys, chatsft.templates; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ---- the exported Jinja honours add_generation_prompt (through a saved tokenizer) ----
+
+
+@pytest.fixture(scope="module")
+def saved_dirs(tok, tmp_path_factory):
+    """One saved tokenizer folder per built-in, its chat_template being the built-in's exported Jinja."""
+    out = {}
+    for name, template in BUILTINS.items():
+        tok.chat_template = template.jinja()
+        out[name] = tmp_path_factory.mktemp("saved") / name
+        tok.save_pretrained(out[name])
+    tok.chat_template = None
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(BUILTINS))
+def test_saved_template_honours_add_generation_prompt(saved_dirs, name):
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(saved_dirs[name])
+    with_cue = saved.apply_chat_template(QA[:3], tokenize=False, add_generation_prompt=True)
+    without = saved.apply_chat_template(QA[:3], tokenize=False, add_generation_prompt=False)
+    assert with_cue == GOLDEN_PROMPT[name]
+    cue = BUILTINS[name].cue + BUILTINS[name].single_cue
+    assert without == GOLDEN_PROMPT[name][: len(GOLDEN_PROMPT[name]) - len(cue)]
+    assert (without != with_cue) == bool(cue)  # llama-2 and mistral have no cue: [/INST] ends the user turn
+    # a conversation ending on a reply renders the same with either flag set off, and is what trains
+    assert saved.apply_chat_template(QA, tokenize=False) == render_text(BUILTINS[name], QA)
+
+
+def test_vicuna_export_without_generation_prompt_matches_fastchat():
+    """FastChat's get_prompt() after the BOS: with an empty assistant slot (the generation prompt) the prompt
+    ends in 'ASSISTANT:'; without one, the user turn ends with its separator ' ' (ADD_COLON_TWO, sep=' ')."""
+    prompt = f"<s>{VICUNA_SYSTEM} USER: q1 ASSISTANT: a1</s>USER: q2 "
+    assert render_text(BUILTINS["vicuna_v1.1"], QA[:3]) == prompt
+    assert render_text(BUILTINS["vicuna_v1.1"], QA[:3], add_generation_prompt=True) == prompt + "ASSISTANT:"
+
+
+# ---- golden tests: each built-in equals its family's real chat template, byte for byte ----
+
+REAL_TEMPLATES = Path(chatsft.__file__).parent / "assets" / "templates"
+U, A, S = "user", "assistant", "system"
+STRESS = [  # plain chat, system prompts (empty too), whitespace at the ends, multi-turn, CJK, template text
+    [{"role": U, "content": "Hi"}, {"role": A, "content": "Hello! How can I help?"}],
+    [{"role": S, "content": "Be brief."}, *QA],
+    [{"role": S, "content": ""}, *QA[:2]],
+    [{"role": U, "content": "  padded question \n"}, {"role": A, "content": "\n answer with spaces \t\n"}],
+    [{"role": U, "content": "你好，世界"}, {"role": A, "content": "こんにちは。안녕하세요 🙂"}, *QA[2:]],
+    [{"role": U, "content": "it's \\n {{ x }} {% y %} 'q' <s> [INST]"}, {"role": A, "content": "</s> a"}],
+    [m for k in range(6) for m in ({"role": U, "content": f"question {k}"}, {"role": A, "content": f"r{k}"})],
+]
+GOLDEN_REAL = {  # built-in name -> its family's real template (assets/templates/, README there says whose)
+    "chatml": "chatml.jinja",
+    "mistral": "mistral.jinja",
+}
+
+
+def _real(tok, source: str, messages, **kwargs) -> str | None:
+    """The real template's rendering through transformers, None where the template itself refuses."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tok.apply_chat_template(messages, chat_template=source, tokenize=False, **kwargs)
+    except TemplateError:
+        return None
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_REAL))
+def test_builtin_equals_the_real_template(tok, name):
+    source = (REAL_TEMPLATES / GOLDEN_REAL[name]).read_text(encoding="utf-8")
+    template, tokens = BUILTINS[name], {"bos": tok.bos_token, "eos": tok.eos_token}
+    for messages in STRESS:
+        assert render_text(template, messages, **tokens) == _real(tok, source, messages)
+        prompt = messages[:-1]
+        ours = render_text(template, prompt, add_generation_prompt=True, **tokens)
+        assert ours == _real(tok, source, prompt, add_generation_prompt=True)

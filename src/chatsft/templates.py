@@ -46,8 +46,10 @@ class Template:
     """One prompt format; its strings use `{content}`, `{system}`, `{bos}`, `{eos}` (the tokenizer's tokens).
 
     A conversation renders as: BOS (if `bos`), `begin`, the system block (`system`, or inside the first user
-    turn with `first_user`), then per user message `user` (which ends with the assistant cue) and per
-    assistant message `reply` + `end` (both trained) + `after` (not trained). `join`/`single_cue` describe
+    turn with `first_user`), then per user message `user` followed by the assistant `cue` (when a reply
+    follows, or with add_generation_prompt), and per assistant message `reply` + `end` (both trained) +
+    `after` (not trained). An empty system message renders as no system block unless `keep_empty_system`
+    (the real chatml and Mistral templates write it). `join`/`single_cue` describe
     Yuan2 (see YUAN2). `markers` are the control tokens the format writes: each must be one token of the
     tokenizer. `stop` are the end-of-turn markers that end generation. `chat_template` is set only for the
     tokenizer's own Jinja template.
@@ -55,6 +57,7 @@ class Template:
 
     name: str
     user: str = "{content}"
+    cue: str = ""
     reply: str = "{content}"
     end: str = "{eos}"
     after: str = ""
@@ -63,6 +66,7 @@ class Template:
     system: str = "{system}"
     first_user: str = ""
     default_system: str = ""
+    keep_empty_system: bool = False
     join: str = ""
     single_cue: str = ""
     markers: tuple[str, ...] = ("{eos}",)
@@ -88,21 +92,24 @@ VICUNA = Template(
     system="{system} ",
     default_system="A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-    user="USER: {content} ASSISTANT:",
+    user="USER: {content} ",
+    cue="ASSISTANT:",
     reply=" {content}",
     markers=("{bos}", "{eos}"),
     notes="FastChat's get_prompt() (ADD_COLON_TWO, sep=' ', sep2=EOS) after the BOS its tokenizer adds.",
 )
 BAICHUAN = Template(
     name="baichuan-chat",
-    user="<reserved_102>{content}<reserved_103>",
+    user="<reserved_102>{content}",
+    cue="<reserved_103>",
     markers=("<reserved_102>", "<reserved_103>", "{eos}"),
     notes="FastChat writes no end marker (sep=''), so its model never learns to stop; we end each reply "
     "with EOS as Baichuan's own fine-tuning does. No BOS, like Baichuan's build_chat_input.",
 )
 BAICHUAN2 = Template(
     name="baichuan2-chat",
-    user="<reserved_106>{content}<reserved_107>",
+    user="<reserved_106>{content}",
+    cue="<reserved_107>",
     markers=("<reserved_106>", "<reserved_107>", "{eos}"),
     notes=BAICHUAN.notes,
 )
@@ -120,8 +127,8 @@ LLAMA3 = Template(
     name="llama-3",
     begin="<|begin_of_text|>",
     system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
-    user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+    cue="<|start_header_id|>assistant<|end_header_id|>\n\n",
     end="<|eot_id|>",
     markers=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     stop=("<|eot_id|>",),
@@ -131,16 +138,20 @@ MISTRAL = Template(
     name="mistral",
     bos=True,
     system="",
-    first_user="[INST] {system}\n{content} [/INST]",
-    user="[INST] {content} [/INST]",
+    first_user=" [INST] {system}\n\n{content} [/INST]",
+    user=" [INST] {content} [/INST]",
     reply=" {content}",
+    keep_empty_system=True,
     markers=("{bos}", "{eos}"),
-    notes="FastChat's 'mistral' (LLAMA2 style, sep2=EOS): '<s>[INST] q [/INST] a</s>[INST] ...'.",
+    notes="Mistral-7B-Instruct-v0.2's Hub template (also v0.1's and Mixtral-8x7B-Instruct's since 2024): "
+    "'<s> [INST] sys\\n\\nq [/INST] a</s> [INST] ...'. It has no generation prompt ([/INST] ends the turn).",
 )
 CHATML = Template(
     name="chatml",
     system="<|im_start|>system\n{system}<|im_end|>\n",
-    user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    cue="<|im_start|>assistant\n",
+    keep_empty_system=True,
     end="<|im_end|>",
     after="\n",
     markers=("<|im_start|>", "<|im_end|>"),
@@ -253,7 +264,7 @@ def render(
         template,
         len(messages),
         start,
-        bool(system),
+        bool(system) or bool(start and template.keep_empty_system),
         None if trained is None else frozenset(trained),
         bos or "",
         eos or "",
@@ -313,6 +324,7 @@ def _plan(
                 message=i,
             )
             if i < last or add_generation_prompt:
+                emit(template.cue, i)
                 emit(template.single_cue if (single and i == last - 1) or i == last else template.join, i)
         else:
             emit(template.reply, i, i in train, message=i)
@@ -339,7 +351,7 @@ _PLACEHOLDER = re.compile(r"\{(content|system|bos|eos)\}")
 
 @lru_cache(maxsize=256)
 def _pieces(fmt: str) -> tuple[tuple[str, str], ...]:
-    """`fmt` split into ("text", text) and (placeholder, "") pieces; cached: every render parses the same few."""
+    """`fmt` split into ("text", text) and (placeholder, "") pieces; cached: renders parse the same few."""
     out, pos = [], 0
     for m in _PLACEHOLDER.finditer(fmt):
         if m.start() > pos:
@@ -405,7 +417,7 @@ def _to_jinja(t: Template) -> str:
         out.append(f"{{{{- {_lit(t.user)} -}}}}")
     if t.join:
         out.append(f"{{%- if not loop.last -%}}{{{{- {_lit(t.join)} -}}}}{{%- endif -%}}")
-    out.append(f"{{%- else -%}}{{{{- {_lit(t.reply)} -}}}}")
+    out.append(f"{{%- else -%}}{{{{- {_lit(t.cue + t.reply)} -}}}}")
     if t.join:
         out.append(
             f"{{%- if loop.last -%}}{{{{- {_lit(t.end + t.after)} -}}}}{{%- else -%}}"
@@ -414,9 +426,11 @@ def _to_jinja(t: Template) -> str:
     else:
         out.append(f"{{{{- {_lit(t.end + t.after)} -}}}}")
     out.append("{%- endif -%}{%- endfor -%}")
-    if t.single_cue or t.join:
+    # the cue is written before a reply, and at the end only when asked for (add_generation_prompt)
+    if t.cue or t.single_cue or t.join:
         out.append(
-            f"{{%- if add_generation_prompt -%}}{{{{- {_lit(t.single_cue or t.join)} -}}}}{{%- endif -%}}"
+            f"{{%- if add_generation_prompt -%}}{{{{- {_lit(t.cue + (t.single_cue or t.join))} -}}}}"
+            "{%- endif -%}"
         )
     return "".join(out)
 
