@@ -1,6 +1,6 @@
 """`chatsft.data.build_datasets`: the eager Arrow cache (hits, every kind of miss), lazy/eager parity in every
-loss mode, the seeded train/eval split, multi-worker encoding, and where rejected records go. Small files written
-by each test; real tokenizers from conftest (byte-level BPE, Mistral-7B SentencePiece)."""
+loss mode, the seeded train/eval split, multi-worker encoding, and where rejected records go. Small files
+written by each test; real tokenizers from conftest (byte-level BPE, Mistral-7B SentencePiece)."""
 
 from __future__ import annotations
 
@@ -242,7 +242,9 @@ def test_two_workers_give_the_single_worker_examples_and_audit_in_input_order(
     recs[13]["conversations"][2:4] = [{"from": "human", "value": "Par"}, {"from": "gpt", "value": "is"}]
     recs[17]["conversations"][0:2] = [{"from": "human", "value": "Hel"}, {"from": "gpt", "value": "lo!"}]
     path = write_file("train.json", recs)
-    glued = dataclasses.replace(VICUNA, name="glued", user="{content}", reply="{content}", default_system="")
+    glued = dataclasses.replace(
+        VICUNA, name="glued", user="{content}", cue="", reply="{content}", default_system=""
+    )
     for template in (VICUNA, glued):  # glued: some tokens straddle user/reply, so some records are rejected
         encoder = Encoder(template, bpe_tokenizer, "split_turns", 96)
         one = build(encoder, [path], tmp_path / "w1", num_workers=1)
@@ -300,8 +302,8 @@ def test_a_full_disk_is_a_one_line_error_wherever_it_happens(
         with pytest.raises(DataError) as err:
             build(Encoder(VICUNA, bpe_tokenizer), [path], tmp_path, num_workers=workers)
         assert str(err.value) == (
-            f"no space left on the device of the preprocessing cache ({tmp_path / 'cache'}): free some, or point "
-            "--cache_dir at a larger disk"
+            f"no space left on the device of the preprocessing cache ({tmp_path / 'cache'}): free some, or "
+            "point --cache_dir at a larger disk"
         )
         assert list((tmp_path / "cache").iterdir()) == []
 
@@ -397,7 +399,9 @@ def test_labels_per_segment_boundary_equal_the_per_token_rule(mistral_tokenizer,
     convs.append(
         Conversation("glue", [{"role": "user", "content": "Hel"}, {"role": "assistant", "content": "lo!"}])
     )
-    glued = dataclasses.replace(VICUNA, name="glued", user="{content}", reply="{content}", default_system="")
+    glued = dataclasses.replace(
+        VICUNA, name="glued", user="{content}", cue="", reply="{content}", default_system=""
+    )
     straddles = 0
     for tok in (mistral_tokenizer, bpe_tokenizer):
         for template in (VICUNA, BUILTINS["chatml"], glued):

@@ -188,4 +188,4 @@ def test_preview_reports_a_rejected_record(write_file, mistral_dir, tmp_path, ca
     assert preview(data, folder, "--id", "c") == 1
     assert "rejected: template_error: no system role" in capsys.readouterr().out
     assert preview(data, folder, "--id", "a", "--color", "never") == 0
-    assert "<s>[INST] Hi [/INST]« Hello!</s>»" in capsys.readouterr().out
+    assert "<s> [INST] Hi [/INST]« Hello!</s>»" in capsys.readouterr().out
