@@ -346,3 +346,28 @@ def test_builtin_equals_the_real_template(tok, name):
         prompt = messages[:-1]
         ours = render_text(template, prompt, add_generation_prompt=True, **tokens)
         assert ours == _real(tok, source, prompt, add_generation_prompt=True)
+
+
+TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(n for n, t in BUILTINS.items() if not hasattr(t, "source")))
+def test_a_table_format_refuses_tools_and_reasoning_with_a_reason(name):
+    template = BUILTINS[name]
+    call = [QA[0], {"role": A, "content": "", "tool_calls": [TOOL_CALL]}]
+    result = [QA[0], {"role": "tool", "content": "18 C", "tool_call_id": "c1"}]
+    thought = [QA[0], {"role": A, "content": "a1", "reasoning_content": "think first"}]
+    cases = [(call, None, "template_has_no_tools"), (result, None, "template_has_no_tools")]
+    cases += [(QA, [WEATHER_TOOL], "template_has_no_tools"), (thought, None, "template_has_no_reasoning")]
+    for messages, tools, reason in cases:
+        with pytest.raises(RenderError) as err:
+            render(template, messages, tools=tools)
+        assert err.value.reason == reason and name in err.value.detail

@@ -225,6 +225,29 @@ def template_from_tokenizer(tokenizer) -> Template:
     return replace(template, stop=(stop,))
 
 
+def refuse_tools_and_reasoning(template: Template, messages: Sequence[Mapping], tools=None) -> None:
+    """A table format has no way to write tools, tool calls or reasoning: a record holding them is refused
+    (`template_has_no_tools`, `template_has_no_reasoning`), never trained with them silently left out."""
+    hint = "choose a template that writes them (see the README's families table) or the tokenizer's own"
+    if tools:
+        raise RenderError(
+            "template_has_no_tools",
+            f"the record defines tools; the {template.name} template cannot write them: {hint}",
+        )
+    for i, m in enumerate(messages):
+        if m.get("role") == "tool" or m.get("tool_calls"):
+            what = "is a tool result" if m.get("role") == "tool" else "makes tool calls"
+            raise RenderError(
+                "template_has_no_tools",
+                f"message {i} {what}; the {template.name} template has no tool format: {hint}",
+            )
+        if m.get("reasoning_content"):
+            raise RenderError(
+                "template_has_no_reasoning",
+                f"message {i} has reasoning; the {template.name} template has no reasoning format: {hint}",
+            )
+
+
 def check_messages(messages: Sequence[Mapping[str, str]]) -> int:
     """Raise RenderError('bad_roles') unless: optional system, then user/assistant alternating from user.
 
@@ -248,11 +271,14 @@ def render(
     bos: str | None = "<s>",
     eos: str | None = "</s>",
     add_generation_prompt: bool = False,
+    tools: Sequence[Mapping] | None = None,
 ) -> list[Segment]:
     """Render `messages` into segments. `trained`: indices of the assistant messages to train (None = all of
     them, which for yuan2 also selects the all-replies format). `bos`/`eos`: the tokenizer's tokens (None or
     "" = none). With `add_generation_prompt` the messages must end on a user turn and the prompt for the next
-    reply is rendered."""
+    reply is rendered. `tools`: the conversation's tool definitions, which no table format can write."""
+    if template.chat_template is None:
+        refuse_tools_and_reasoning(template, messages, tools)
     start = check_messages(messages)
     last = len(messages) - 1
     if add_generation_prompt and messages[last]["role"] != USER:
