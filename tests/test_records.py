@@ -63,10 +63,10 @@ def test_file_missing(tmp_path):
     assert report.file_errors[0].reason == "file_missing"
 
 
-def test_file_unreadable_directory(tmp_path):
-    (tmp_path / "dir.json").mkdir()
+def test_empty_folder(tmp_path):
+    (tmp_path / "dir.json").mkdir()  # a folder stands for its shard files: here none
     _, report = read_conversations([tmp_path / "dir.json"])
-    assert report.file_errors[0].reason == "file_unreadable"
+    assert report.file_errors[0].reason == "bad_dataset_folder"
 
 
 def test_error_messages_name_the_position(write_file):

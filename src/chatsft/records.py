@@ -1,23 +1,30 @@
 """Read conversation records from .json/.jsonl/.parquet files, validate them, and turn them into messages.
 
 A record is one raw JSON object: ShareGPT (`conversations: [{from, value}]`, optional top-level `system` and
-`id`) or OpenAI-style (`messages: [{role, content}]`). Each record is checked one rule at a time and either
-becomes a `Conversation` or is rejected with a `Problem` carrying a stable reason code (`REASONS`). Nothing is
-dropped silently: every record read is counted as accepted or rejected, and rejected records can be written out.
+`id`) or OpenAI-style (`messages: [{role, content}]`), either with optional `tools`. The record's own fields
+are checked here, its turns by `chatsft.messages` (reasoning, tool calls, tool results, weights), one rule at
+a time; each record either becomes a `Conversation` or is rejected with a `Problem` carrying a stable reason
+code (`REASONS`). Nothing is dropped silently: every record read is counted as accepted or rejected, and
+rejected records can be written out.
 
 Choices where the format is silent:
-- A leading assistant turn is dropped, as FastChat does, and counted (`leading_assistant_dropped`), not rejected.
+- A leading assistant turn is dropped, as FastChat does, and counted (`leading_assistant_dropped`), not
+  rejected.
 - An empty or whitespace-only user/assistant turn rejects the record (`empty_content`): training on an empty
   reply teaches the model to stop at once, and an empty question is almost always a scraping accident.
   An empty system prompt is allowed: it means "no system prompt" (distinct from absent, which takes the
   template's default).
-- `"system": null` and `"id": null` are treated as absent (parquet writes missing fields as null).
+- `"system": null`, `"id": null`, `"tools": null` mean absent (parquet writes missing fields as null).
 - A `.json` file that holds one JSON object per line is read as JSON Lines.
 - Turn numbers in messages are 0-based positions in the record's turn list.
+- Problem lines escape what is not printable (newlines, ANSI escapes, lone surrogates in an id or a path), so
+  a record cannot fake or garble the lines of others; the rejects file keeps the record as read (see
+  `write_rejects`).
 """
 
 from __future__ import annotations
 
+import base64
 import bisect
 import json
 import os
@@ -28,19 +35,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from chatsft.errors import DataError
+from chatsft.messages import MESSAGE_REASONS, Reject, to_messages, to_tools, unicode_ok
 from chatsft.sources import FILE_REASONS, BadLine, FileError, iter_records, shards, type_name
-
-ROLE_ALIASES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "bing": "assistant",
-    "model": "assistant",
-    "system": "system",
-}
 
 RECORD_REASONS = {
     "bad_json_line": "a JSON Lines line is not valid JSON",
@@ -48,15 +44,8 @@ RECORD_REASONS = {
     "missing_turns": "the record has neither `conversations` nor `messages`",
     "turns_not_a_list": "`conversations`/`messages` is not a list",
     "no_turns": "the record has zero turns",
-    "turn_not_an_object": "a turn is not a JSON object",
-    "missing_role": "a turn has no `from` (or `role`)",
-    "missing_content": "a turn has no `value` (or `content`)",
-    "content_not_string": "a turn's value is null or not a string",
-    "empty_content": "a user or assistant turn is empty or whitespace only",
-    "unknown_role": "a turn's role is not one of the known names",
-    "system_not_first": "a system turn appears after the first turn, or twice",
-    "repeated_role": "two turns of the same role in a row",
-    "no_assistant_turn": "no assistant turn is left to train on",
+    **MESSAGE_REASONS,
+    "no_assistant_turn": "no assistant turn is left to train on (none, or all of weight 0)",
     "bad_system": "the top-level `system` is not a string",
     "bad_id": "the `id` is not a string or an integer",
     "duplicate_id": "the id was already used by an earlier record",
@@ -68,15 +57,21 @@ REASONS = {**FILE_REASONS, **RECORD_REASONS}
 class Conversation:
     """One accepted record as messages.
 
-    `messages` are dicts `{"role": "system"|"user"|"assistant", "content": str}`; a system message, when present,
-    is first; after it the roles alternate user, assistant, user, ... starting with user. It may end on a user
-    turn (encoding ignores a trailing user turn). `id` is the record's id as a string, or its index in its file.
+    `messages` are dicts in the shapes `chatsft.messages` describes: `{"role": "system"|"user", "content"}`,
+    assistant messages with optional `reasoning_content`, `tool_calls` (arguments always a dict) and
+    `weight: 0` (context only, not trained), and `{"role": "tool", "content", "tool_call_id"?, "name"?}`. A
+    system message, when present, is first; after it user and assistant alternate starting with user, an
+    assistant message with tool calls being followed by its tool results. It may end on a user turn (encoding
+    ignores a trailing user turn). `tools` holds OpenAI function schemas
+    `{"type": "function", "function": {"name", ...}}`, or is None.
+    `id` is the record's id as a string, or its index in its file.
     """
 
     id: str
-    messages: list[dict[str, str]]
+    messages: list[dict]
     source: str = ""
     index: int = 0
+    tools: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,13 +96,14 @@ class Problem:
                 where += f" turn {self.turn}"
         elif self.position:
             where += f":{self.position}"
-        return f"{where}: {self.reason}: {self.detail}"
+        return printable(f"{where}: {self.reason}: {self.detail}")
 
 
-class _Reject(Exception):
-    def __init__(self, reason: str, detail: str, turn: int | None = None):
-        super().__init__(detail)
-        self.reason, self.detail, self.turn = reason, detail, turn
+def printable(text: str) -> str:
+    """`text` with what a terminal would not show as itself escaped (`\\n`, `\\x1b`, `\\ud800`)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @dataclass
@@ -133,6 +129,25 @@ class ReadReport:
         """Turns per accepted record, sorted (a histogram is kept, not one number per record)."""
         return sorted(self.turn_histogram.elements())
 
+    # accepted records: "records with tools", "tool calls", "tool messages", "replies with reasoning", ...
+    features: Counter = field(default_factory=Counter)
+
+    def add(self, conv: Conversation, dropped: int) -> None:
+        """Count one accepted record."""
+        self.accepted += 1
+        self.leading_assistant_dropped += dropped
+        messages = conv.messages
+        self.turn_histogram[len(messages) - (messages[0]["role"] == "system")] += 1
+        self.characters += sum([len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages])
+        calls = sum([len(m.get("tool_calls", ())) for m in messages])
+        tool_messages = sum([m["role"] == "tool" for m in messages])
+        reasoning = sum(["reasoning_content" in m for m in messages])
+        unweighted = sum([m.get("weight") == 0 for m in messages])
+        counts = (conv.tools is not None, len(conv.tools or ()), calls > 0, calls, tool_messages)
+        for name, n in zip(FEATURES, (*counts, reasoning > 0, reasoning, unweighted)):
+            if n:
+                self.features[name] += n
+
     @property
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
@@ -156,14 +171,42 @@ class ReadReport:
         if h := self.turn_histogram:
             lines.append(f"turns per record  min {min(h)}, median {_median(h):g}, max {max(h)}")
         lines.append(f"characters        {self.characters:,}")
+        if self.features:
+            lines.append("tools and reasoning (accepted records)")
+            lines += [f"  {name:<24}{self.features[name]}" for name in FEATURES if self.features[name]]
         return "\n".join(lines)
 
     def write_rejects(self, path: str | os.PathLike) -> None:
-        """Every rejected record with its reason, as JSON Lines, so nothing is lost."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        """Every rejected record with its reason, as JSON Lines (see `_RejectsFile`), so nothing is lost."""
+        with _RejectsFile(str(path)) as rejects:
+            rejects.open()
             for row in self.rejected_records:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                rejects.write(row)
+
+
+FEATURES = (
+    "records with tools",
+    "tool definitions",
+    "records with tool calls",
+    "tool calls",
+    "tool messages",
+    "records with reasoning",
+    "replies with reasoning",
+    "replies of weight 0",
+)
+
+
+def _as_json(value):
+    """What `json.dumps` cannot write, as text (parquet rows hold bytes, decimals, timestamps)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value)
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return "base64:" + base64.b64encode(value).decode("ascii")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
 
 
 def _median(histogram: Counter) -> float:
@@ -185,7 +228,8 @@ class ReadPolicy:
     """How the training path treats rejected records: skip and count them, but stop when there are too many.
 
     `strict` stops at the first rejected record; `max_invalid_ratio` stops when more than that share of the
-    records read was rejected; `rejects_path` receives every rejected record (e.g. `<output_dir>/rejected.jsonl`).
+    records read was rejected; `rejects_path` receives every rejected record (such as
+    `<output_dir>/rejected.jsonl`).
     File-level errors always stop.
     """
 
@@ -242,7 +286,7 @@ def iter_conversations(
                     if prepare is not None and not isinstance(item, BadLine):
                         item = prepare(source, item)
                     conv, dropped = _to_conversation(item, source, index, first_seen)
-                except _Reject as r:
+                except Reject as r:
                     rid = _id_for_message(item, index)
                     raw = item.line if isinstance(item, BadLine) else item
                     problem = Problem(source, r.reason, r.detail, index, rid, r.turn)
@@ -252,10 +296,7 @@ def iter_conversations(
                             f"{report.last_problem} (--strict stops at the first rejected record)"
                         ) from None
                     continue
-                report.accepted += 1
-                report.leading_assistant_dropped += dropped
-                report.turn_histogram[len(conv.messages) - (conv.messages[0]["role"] == "system")] += 1
-                report.characters += sum([len(m["content"]) for m in conv.messages])
+                report.add(conv, dropped)
                 yield conv
             if items.error is not None:
                 report.file_errors.append(items.error)
@@ -288,18 +329,38 @@ def check_invalid_ratio(report: ReadReport, policy: ReadPolicy) -> None:
 
 
 class _RejectsFile:
-    """Rejected records written as they are met (JSON Lines): none is held in memory on the training path."""
+    """Rejected records written as they are met (JSON Lines): none is held in memory on the training path.
+
+    Records are written as read. What JSON cannot hold is written as text: parquet's bytes (as UTF-8 text, or
+    base64 when not UTF-8), decimals and timestamps (`str`/ISO 8601); a lone surrogate, which UTF-8 cannot
+    hold, as its JSON escape (`\\ud800`), so the line still parses back to the same string; a record nested
+    too deeply for `json.dumps` as a note saying so. A path that cannot be written is a `DataError`."""
 
     def __init__(self, path: str | None):
         self.path, self.file = path, None
+
+    def open(self) -> None:
+        try:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(
+                self.path, "w", encoding="utf-8", errors="backslashreplace"
+            )  # closed by __exit__
+        except OSError as e:
+            raise DataError(f"cannot write rejected records to {self.path}: {e.strerror or e}") from None
 
     def write(self, row: dict) -> None:
         if self.path is None:
             return
         if self.file is None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "w", encoding="utf-8")  # closed by __exit__
-        self.file.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            self.open()
+        try:
+            line = json.dumps(row, ensure_ascii=False, default=_as_json) + "\n"
+        except RecursionError:  # a record nested deeper than json.dumps goes (ijson reads it)
+            line = json.dumps({**row, "record": "(nested too deeply to write)"}, ensure_ascii=False) + "\n"
+        try:
+            self.file.write(line)
+        except OSError as e:
+            raise DataError(f"cannot write rejected records to {self.path}: {e.strerror or e}") from None
 
     def __enter__(self):
         return self
@@ -409,118 +470,68 @@ def _id_for_message(raw, index: int) -> str | None:
 
 
 def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -> tuple[Conversation, int]:
-    """Validate one raw record; return it as a Conversation and how many leading assistant turns were dropped."""
+    """Validate one raw record; return it as a Conversation and how many leading assistant turns were
+    dropped."""
     if isinstance(raw, BadLine):
-        raise _Reject("bad_json_line", raw.detail)
+        raise Reject("bad_json_line", raw.detail)
     if not isinstance(raw, dict):
-        raise _Reject("not_an_object", f"the record is a JSON {type_name(raw)}, expected an object")
+        raise Reject("not_an_object", f"the record is a JSON {type_name(raw)}, expected an object")
 
     rid = raw.get("id")
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
-        raise _Reject("bad_id", f"`id` is a JSON {type_name(rid)}, expected a string or an integer")
+        raise Reject("bad_id", f"`id` is a JSON {type_name(rid)}, expected a string or an integer")
+    if isinstance(rid, str):
+        unicode_ok(rid, "`id`")
 
     key = "conversations" if "conversations" in raw else "messages" if "messages" in raw else None
     if key is None:
-        raise _Reject(
+        raise Reject(
             "missing_turns",
-            f"no `conversations` or `messages` key (keys: {', '.join(sorted(raw)) or 'none'})",
+            f"no `conversations` or `messages` key (keys: {', '.join(sorted(map(str, raw))) or 'none'})",
         )
     turns = raw[key]
     if not isinstance(turns, list):
-        raise _Reject("turns_not_a_list", f"`{key}` is a JSON {type_name(turns)}, expected a list of turns")
+        raise Reject("turns_not_a_list", f"`{key}` is a JSON {type_name(turns)}, expected a list of turns")
     if not turns:
-        raise _Reject("no_turns", f"`{key}` is an empty list")
-    role_key, content_key = ("from", "value") if key == "conversations" else ("role", "content")
+        raise Reject("no_turns", f"`{key}` is an empty list")
 
     system = raw.get("system")
     if system is not None and not isinstance(system, str):
-        raise _Reject("bad_system", f"top-level `system` is a JSON {type_name(system)}, expected a string")
+        raise Reject("bad_system", f"top-level `system` is a JSON {type_name(system)}, expected a string")
+    if system is not None:
+        unicode_ok(system, "top-level `system`")
+    tools = to_tools(raw.get("tools"))
 
-    messages: list[dict[str, str]] = []
-    for n, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise _Reject(
-                "turn_not_an_object", f"the turn is a JSON {type_name(turn)}, expected an object", n
-            )
-        rk = (
-            role_key
-            if role_key in turn
-            else ("role" if "role" in turn else "from" if "from" in turn else None)
-        )
-        if rk is None:
-            raise _Reject("missing_role", f"no `{role_key}` field", n)
-        ck = (
-            content_key
-            if content_key in turn
-            else ("content" if "content" in turn else "value" if "value" in turn else None)
-        )
-        if ck is None:
-            raise _Reject("missing_content", f"no `{content_key}` field", n)
-        role_name, content = turn[rk], turn[ck]
-        if type(content) is not str:
-            content = _text(content)
-        role = ROLE_ALIASES.get(role_name.lower()) if isinstance(role_name, str) else None
-        if role is None:
-            raise _Reject(
-                "unknown_role",
-                f"`{rk}` is {json.dumps(role_name, ensure_ascii=False)[:60]}; known: "
-                f"{', '.join(ROLE_ALIASES)}",
-                n,
-            )
-        if content is None:
-            raise _Reject(
-                "content_not_string", f"`{ck}` is a JSON {type_name(turn[ck])}, expected a string", n
-            )
-        if role == "system":
-            if n != 0 or system is not None:
-                why = (
-                    "a top-level `system` is also given" if n == 0 else "a system turn is allowed only first"
-                )
-                raise _Reject("system_not_first", why, n)
-        elif not content or content.isspace():
-            raise _Reject(
-                "empty_content",
-                f"the {role} turn's `{ck}` is {'empty' if not content else 'whitespace only'}",
-                n,
-            )
-        if messages and messages[-1]["role"] == role:
-            raise _Reject("repeated_role", f"two {role} turns in a row (turns {n - 1} and {n})", n)
-        messages.append({"role": role, "content": content})
-
+    messages, origin = to_messages(turns, key == "conversations", tools, top_system=system is not None)
     if system is not None:
         messages.insert(0, {"role": "system", "content": system})
-    start = 1 if messages[0]["role"] == "system" else 0
+        origin.insert(0, -1)
+    start = 1 if messages and messages[0]["role"] == "system" else 0
     dropped = 0
     if len(messages) > start and messages[start]["role"] == "assistant":
         del messages[start]  # FastChat skips a conversation's leading assistant turn; we count it
         dropped = 1
+        if len(messages) > start and messages[start]["role"] == "tool":
+            raise Reject(
+                "tool_without_call",
+                "its call was in the leading assistant turn, which is dropped (as FastChat does)",
+                origin[start + 1],
+            )
     if not any(m["role"] == "assistant" for m in messages):
-        raise _Reject(
+        raise Reject(
             "no_assistant_turn",
             "no assistant turn to train on" + (" after dropping the leading one" if dropped else ""),
         )
+    if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
+        raise Reject("no_assistant_turn", "every assistant turn has weight 0: nothing to train on")
 
     if rid is not None:
         rid = str(rid)
         where = f"{source}:{index}"
         if rid in first_seen:
-            raise _Reject("duplicate_id", f"id {rid!r} was first used at {first_seen[rid]}")
+            raise Reject("duplicate_id", f"id {rid!r} was first used at {first_seen[rid]}")
         first_seen[rid] = where
-    return Conversation(
-        id=rid if rid is not None else str(index), messages=messages, source=source, index=index
-    ), dropped
-
-
-def _text(value) -> str | None:
-    """A turn's text: a string, or OpenAI-style content parts that are all text; None otherwise."""
-    if isinstance(value, str):
-        return value
-    if (
-        isinstance(value, list)
-        and value
-        and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
-        )
-    ):
-        return "".join(p["text"] for p in value)
-    return None
+    conv = Conversation(
+        id=rid if rid is not None else str(index), messages=messages, source=source, index=index, tools=tools
+    )
+    return conv, dropped

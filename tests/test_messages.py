@@ -1,0 +1,131 @@
+"""Turns -> messages for tool calling, reasoning and weights: every record of `tool_data` read from real files
+(.json, .jsonl, parquet), with its exact outcome."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tool_data import ACCEPTED, REJECTED, TOOLS, A, U, call
+
+from chatsft.messages import MESSAGE_REASONS
+from chatsft.records import RECORD_REASONS, read_conversations
+
+
+def test_the_data_set_is_large_and_covers_every_new_code():
+    assert len(ACCEPTED) + len(REJECTED) >= 40
+    new = {
+        "bad_reasoning",
+        "bad_weight",
+        "bad_tool_calls",
+        "bad_tool_arguments",
+        "unknown_tool",
+        "tool_without_call",
+        "missing_tool_result",
+        "tool_result_mismatch",
+        "bad_tool_message",
+        "bad_tools",
+        "bad_unicode",
+    }
+    assert new <= {reason for _, reason, _, _ in REJECTED.values()}
+    assert new <= set(MESSAGE_REASONS) and set(MESSAGE_REASONS) <= set(RECORD_REASONS)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_every_record_has_its_exact_outcome(write_file, suffix):
+    names = list(ACCEPTED) + list(REJECTED)
+    records = [{"id": name, **ACCEPTED[name][0]} for name in ACCEPTED]
+    records += [{"id": name, **REJECTED[name][0]} for name in REJECTED]
+    if suffix == ".json":
+        path = write_file("tools.json", json.dumps(records))  # ASCII: `"\\ud800"` stays an escape
+    else:
+        path = write_file("tools.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    convs, report = read_conversations([path])
+    assert report.records_read == len(names) and report.accepted == len(ACCEPTED)
+    got = {c.id: (c.messages, c.tools) for c in convs}
+    assert got == {name: (messages, tools) for name, (_, messages, tools) in ACCEPTED.items()}
+    lines = {p.id: str(p) for p in report.problems}
+    expected = {}
+    for name, (_, reason, turn, detail) in REJECTED.items():
+        at = f" turn {turn}" if turn is not None else ""
+        expected[name] = f"{path}:{names.index(name)} (id={name}){at}: {reason}: {detail}"
+    assert lines == expected
+
+
+def test_check_counts_tools_and_reasoning(write_file, capsys):
+    from chatsft.commands.cli import main
+
+    path = write_file("tools.json", [{"id": n, **r} for n, (r, _, _) in ACCEPTED.items()])
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.split("tools and reasoning (accepted records)\n")[1].splitlines() == [  # counted by hand
+        "  records with tools      9",
+        "  tool definitions        17",
+        "  records with tool calls 19",
+        "  tool calls              24",
+        "  tool messages           20",
+        "  records with reasoning  4",
+        "  replies with reasoning  5",
+        "  replies of weight 0     3",
+    ]
+
+
+def test_parquet_rows_with_null_fields(tmp_path):
+    """Parquet gives every message every field (null where absent) and arguments as structs or strings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {
+            "id": "p0",
+            "tools": json.dumps(TOOLS),
+            "messages": [
+                {"role": "user", "content": "2+3?", "tool_calls": None, "tool_call_id": None, "weight": None},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [call("add", '{"a": 2, "b": 3}', "c1")],
+                    "tool_call_id": None,
+                    "weight": None,
+                },
+                {"role": "tool", "content": "5", "tool_calls": None, "tool_call_id": "c1", "weight": None},
+                {"role": "assistant", "content": "5", "tool_calls": None, "tool_call_id": None, "weight": 0},
+                {
+                    "role": "user",
+                    "content": "Thanks",
+                    "tool_calls": None,
+                    "tool_call_id": None,
+                    "weight": None,
+                },
+                {
+                    "role": "assistant",
+                    "content": "Bye",
+                    "tool_calls": None,
+                    "tool_call_id": None,
+                    "weight": 1,
+                },
+            ],
+        }
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    [conv], report = read_conversations([tmp_path / "t.parquet"])
+    assert report.rejected_total == 0 and conv.tools == TOOLS
+    assert conv.messages == [
+        U("2+3?"),
+        A("", tool_calls=[call("add", {"a": 2, "b": 3}, "c1")]),
+        {"role": "tool", "content": "5", "tool_call_id": "c1"},
+        A("5", weight=0),
+        U("Thanks"),
+        A("Bye"),
+    ]
+
+
+def test_leading_assistant_with_calls_is_dropped_with_its_results(write_file):
+    record = {
+        "messages": [A("", tool_calls=[call("add", {})]), {"role": "tool", "content": "0"}, U("q"), A("a")]
+    }
+    _, report = read_conversations([write_file("d.json", [record])])
+    assert [str(p).split(": ", 1)[1] for p in report.problems] == [
+        "tool_without_call: its call was in the leading assistant turn, which is dropped (as FastChat does)"
+    ]
+    assert report.problems[0].turn == 1
