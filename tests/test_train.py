@@ -146,7 +146,13 @@ def test_train_checkpoint_resume_save(setup, capsys):
     audit = json.loads((out / "audit.json").read_text())
     assert audit["train"]["examples"] == 24 and audit["train"]["rejected"] == {}
 
-    # damage the newest checkpoint: the same command skips it, resumes from checkpoint-4, reaches step 6
+    # the same command again: the run is finished, nothing trains
+    assert main(flags(base, data, out)) == 0
+    assert "already holds the final model of this same run: nothing to train" in capsys.readouterr().out
+
+    # as if killed before the final save, with the newest checkpoint damaged: the same command skips it,
+    # resumes from checkpoint-4, reaches step 6
+    (out / "chatsft-final.json").unlink()
     (out / "checkpoint-6" / "model.safetensors").write_bytes(b"truncated")
     assert main(flags(base, data, out)) == 0
     printed = capsys.readouterr().out

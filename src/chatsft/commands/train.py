@@ -20,15 +20,17 @@ def main(argv: list[str] | None = None) -> int:
 
     from chatsft.data import build_datasets
     from chatsft.tokenizer import load_encoder, prepare_tokenizer
-    from chatsft.training.checkpoint import choose_resume
     from chatsft.training.config import parse_args
     from chatsft.training.distributed import check_fsdp_supported, check_launch, fill_fsdp_config
     from chatsft.training.final import save_run
+    from chatsft.training.lock import acquire_run_lock
     from chatsft.training.lora import apply_lora
+    from chatsft.training.manifest import attach_manifest, resolve_run, run_manifest
     from chatsft.training.model import load_config, load_model_for
     from chatsft.training.notices import announce, setup_notices
-    from chatsft.training.preempt import preemptible
+    from chatsft.training.preempt import finishing_save, preemptible, rerun_hint
     from chatsft.training.preflight import run_preflight
+    from chatsft.training.space import disk_full_is_one_line
     from chatsft.training.trainer import build_trainer
 
     model_args, data_args, args, flag_notices = parse_args(argv)
@@ -49,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             lora=model_args.lora_r > 0,
         ),
     )
-    resume, notices = choose_resume(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
-    announce(say, [*notices, f"resuming from {resume}" if resume else "starting from step 0"])
+    announce(say, acquire_run_lock(args.output_dir, writer=args.should_save))
 
     config = load_config(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     announce(say, args.fill_model_max_length(config))
@@ -73,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         preset=preset,
     )
     announce(say, [*notices, *more])
+    manifest = run_manifest(model_args, data_args, args, encoder)
+    resume, notices, finished = resolve_run(args.output_dir, manifest, args=args, writer=args.should_save)
+    announce(
+        say, [*notices, "" if finished else f"resuming from {resume}" if resume else "starting from step 0"]
+    )
+    if finished:
+        return 0
 
     split = build_datasets(
         encoder,
@@ -123,18 +131,19 @@ def main(argv: list[str] | None = None) -> int:
         flash=(model_args.attn_implementation or "").startswith("flash"),
     )
     announce(say, notices)
-    with preemptible(trainer) as preemption:
+    attach_manifest(trainer, manifest)
+    rerun = rerun_hint(args.overwrite_output_dir)
+    with disk_full_is_one_line(args.output_dir, rerun=rerun), preemptible(trainer) as preemption:
         result = trainer.train(resume_from_checkpoint=resume)
     if preemption.stopped_at is not None:
-        say(preemption.farewell(args.output_dir))
+        say(preemption.farewell(args.output_dir, args.overwrite_output_dir))
         return preemption.exit_code
     say(f"training done: {result.global_step} steps, final train loss {result.training_loss:.4f}")
     if split.eval is not None:
         say(f"eval loss {trainer.evaluate().get('eval_loss', float('nan')):.4f}")
-    final = save_run(trainer, tokenizer, encoder, split, Path(args.output_dir), merge=model_args.merge_lora)
-    say(
-        f"saved the final model to {final} (loads with AutoModelForCausalLM/AutoTokenizer; loss curve: loss.png)"
-    )
+    with disk_full_is_one_line(args.output_dir, rerun=rerun), finishing_save(say):
+        final = save_run(trainer, tokenizer, encoder, split, Path(args.output_dir), model_args, manifest)
+    say(f"saved the final model to {final} (loads with AutoModelForCausalLM/AutoTokenizer; curve: loss.png)")
     return 0
 
 

@@ -27,7 +27,9 @@ from transformers import TrainerCallback
 from chatsft.errors import ConfigError
 
 MARKER_NAME = "chatsft-complete.json"
-_MARKER_FORMAT = "chatsft-checkpoint/1"
+RUN_FILE = "chatsft-run.json"  # the run manifest (chatsft.training.manifest), inside each checkpoint
+_MARKER_FORMAT = "chatsft-checkpoint/2"  # files with whole-file SHA-256
+_MARKER_FORMATS = (_MARKER_FORMAT, "chatsft-checkpoint/1")  # /1: SHA-256 of the first 64 KiB only
 _HEAD_BYTES = 1 << 16
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # Top-level files of an earlier final model that must go when a new one lands (stale shards would be loaded).
@@ -65,6 +67,12 @@ def write_atomic(path: Path, data: bytes) -> None:
 def _head_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read(_HEAD_BYTES)).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of the whole file, streamed (right after a save the file is in the page cache: ~1-2 GB/s)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def list_files(folder: Path, skip: tuple[str, ...] = ()) -> list[str]:
@@ -140,15 +148,19 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
 def write_marker(checkpoint_dir: str | os.PathLike, step: int) -> Path:
     """Declare `checkpoint_dir` complete at `step`: fsync every file in it, then write the marker atomically.
 
-    The marker lists each file with its size and the SHA-256 of its first 64 KiB, so a file that is later cut
-    off, removed or rewritten (a half-finished rotation, a re-save over a stale folder) voids the checkpoint.
+    The marker lists each file with its size and the SHA-256 of its whole content, so a file that is later cut
+    off, removed, rewritten or damaged anywhere (a half-finished rotation, a re-save over a stale folder, a
+    flipped byte in the optimizer state) voids the checkpoint. Stale temporary files of a killed marker write
+    are removed, not listed.
     """
     folder = Path(checkpoint_dir)
+    for stale in folder.glob(f".{MARKER_NAME}.tmp-*"):
+        stale.unlink(missing_ok=True)
     files = {}
     for rel in list_files(folder, skip=(MARKER_NAME,)):
         path = folder / rel
         fsync_path(path)
-        files[rel] = {"size": path.stat().st_size, "head_sha256": _head_sha256(path)}
+        files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     marker = {"format": _MARKER_FORMAT, "step": int(step), "files": files}
     write_atomic(folder / MARKER_NAME, json.dumps(marker, indent=1).encode())
     return folder / MARKER_NAME
@@ -165,27 +177,29 @@ def checkpoint_problem(checkpoint_dir: str | os.PathLike) -> str | None:
         return f"it has no {MARKER_NAME} (the save was cut off, or chatsft did not write it)"
     except ValueError:
         return f"its {MARKER_NAME} is unreadable"
-    if not isinstance(marker, dict) or marker.get("format") != _MARKER_FORMAT:
+    if not isinstance(marker, dict) or marker.get("format") not in _MARKER_FORMATS:
         return f"its {MARKER_NAME} has an unknown format"
     step = marker.get("step")
     if (name_step := checkpoint_step(folder)) is not None and name_step != step:
         return f"its marker says step {step}, its name step {name_step}"
     if (problem := _trainer_state_problem(folder, step, "the marker")) is not None:
         return problem
+    whole = marker["format"] == _MARKER_FORMAT
     try:
         files = {
-            str(rel): (int(meta["size"]), str(meta["head_sha256"])) for rel, meta in marker["files"].items()
+            str(rel): (int(meta["size"]), str(meta["sha256" if whole else "head_sha256"]))
+            for rel, meta in marker["files"].items()
         }
     except (KeyError, TypeError, ValueError, AttributeError):
         return f"its {MARKER_NAME} is unreadable"
-    for rel, (size, head) in files.items():
+    for rel, (size, digest) in files.items():
         path = folder / rel
         if not path.is_file():
             return f"{rel} is missing"
         if path.stat().st_size != size:
             return f"{rel} is {path.stat().st_size} bytes, {size} when it was saved"
-        if _head_sha256(path) != head:
-            return f"{rel} changed after it was saved"
+        if (file_sha256(path) if whole else _head_sha256(path)) != digest:
+            return f"{rel} changed after it was saved (its SHA-256 differs)"
     return _weights_problem(folder)
 
 
@@ -297,8 +311,9 @@ class CheckpointMarker(TrainerCallback):
     the last one at the end of training).
     """
 
-    def __init__(self, save_total_limit: int | None = None):
+    def __init__(self, save_total_limit: int | None = None, manifest: dict | None = None):
         self.save_total_limit = save_total_limit
+        self.manifest = manifest  # the run manifest, written into each checkpoint before its marker
         self._marked_step: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -329,6 +344,8 @@ class CheckpointMarker(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
+                if self.manifest is not None:
+                    write_atomic(folder / RUN_FILE, json.dumps(self.manifest, indent=1).encode())
                 write_marker(folder, state.global_step)
                 self._marked_step = state.global_step
                 self._rotate(Path(args.output_dir), state)

@@ -7,6 +7,7 @@ are translated first by `chatsft.training.compat`.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +129,8 @@ class DataArguments:
         self.loss_mode = loss_mode_from_flags(
             self.loss_mode, self.efficient_loss, self.last_response_loss, self.split_example_loss
         )
+        if not 0.0 <= self.max_invalid_ratio <= 1.0:  # also catches nan
+            raise ConfigError(f"--max_invalid_ratio must be between 0 and 1, got {self.max_invalid_ratio}")
         if self.packing and self.lazy_preprocess:
             raise ConfigError("--packing needs every example's length up front: drop --lazy_preprocess")
 
@@ -163,6 +166,27 @@ class TrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator picks columns."}
     )
+    resume_anyway: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint although its run manifest (data, template, model, tokenizer, "
+            "hyper-parameters) differs from this command's; the change is named in a notice."
+        },
+    )
+
+    def __post_init__(self):
+        # one line each, before the model loads (transformers would fail late, or train on nothing)
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not math.isfinite(self.learning_rate) or self.learning_rate < 0:
+            raise ConfigError(f"--learning_rate must be a finite number >= 0, got {self.learning_rate}")
+        if self.model_max_length is not None and self.model_max_length < 2:
+            raise ConfigError(
+                f"--model_max_length must be at least 2 tokens (a reply and its end-of-turn marker), got "
+                f"{self.model_max_length}"
+            )
+        super().__post_init__()
 
     def fill_model_max_length(self, config) -> list[str]:
         """FastChat defaults to 512; the model's own context is what users expect."""

@@ -11,6 +11,7 @@ Only then are the files moved, one `os.replace` at a time, into `output_dir`, un
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from chatsft.errors import ChatsftError, ConfigError
 from chatsft.training.checkpoint import WEIGHT_FILE_RE, fsync_path, list_files, write_atomic
+
+logger = logging.getLogger("chatsft")
 
 FINAL_MARKER_NAME = "chatsft-final.json"
 FINAL_TMP_NAME = ".chatsft-final-tmp"
@@ -67,9 +70,24 @@ def _finish_model_folder(
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _compare_state_dicts(saved: Mapping, expected: Mapping, where: Path) -> None:
+def _same_bits(got, want) -> bool:
+    """Exact equality, bit for bit: a NaN equals the same NaN (torch.equal says NaN != NaN)."""
     import torch
 
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return False
+    if got.numel() == 0:
+        return True
+    return torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
+
+
+def _nan_count(tensor) -> int:
+    import torch
+
+    return int(torch.isnan(tensor).sum()) if tensor.is_floating_point() else 0
+
+
+def _compare_state_dicts(saved: Mapping, expected: Mapping, where: Path) -> None:
     missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or extra:
         raise RuntimeError(
@@ -77,11 +95,15 @@ def _compare_state_dicts(saved: Mapping, expected: Mapping, where: Path) -> None
         )
     for name, tensor in expected.items():
         got = saved[name].detach().cpu()
-        want = tensor.detach().cpu()
-        if got.dtype != want.dtype or got.shape != want.shape or not torch.equal(got, want):
+        want = tensor.detach().cpu().contiguous()
+        if not _same_bits(got.contiguous(), want):
+            nans = _nan_count(want)
             raise RuntimeError(
                 f"final model in {where}: tensor {name} differs from the trained model after reload"
+                + (f" (the trained tensor holds {nans} NaN values)" if nans else "")
             )
+        if nans := _nan_count(want):
+            logger.warning("the final model's tensor %s holds %d NaN values (saved as trained)", name, nans)
 
 
 def _verify_folder(
@@ -91,6 +113,7 @@ def _verify_folder(
     chat_template: str,
     stop_token_ids: Sequence[int],
     check_text,
+    trust_remote_code: bool = False,
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -100,7 +123,9 @@ def _verify_folder(
 
             _compare_state_dicts(load_file(folder / "adapter_model.safetensors"), expected_state, folder)
         else:
-            reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="cpu")
+            reloaded = AutoModelForCausalLM.from_pretrained(
+                folder, dtype="auto", device_map="cpu", trust_remote_code=trust_remote_code
+            )
             _compare_state_dicts(reloaded.state_dict(), expected_state, folder)
             if reloaded.config.use_cache is not True:
                 raise RuntimeError(f"final model in {folder}: config.use_cache is not True")
@@ -110,7 +135,7 @@ def _verify_folder(
         raise RuntimeError(
             f"final model in {folder}: generation_config eos_token_id {eos} lacks {list(stop_token_ids)}"
         )
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template != chat_template:
         raise RuntimeError(f"final model in {folder}: the saved tokenizer lost the chat template")
     if check_text is not None:
@@ -197,6 +222,7 @@ def save_final(
     extra_files: Mapping[str, bytes | str] | None = None,
     check_text: tuple[list[dict], str] | None = None,
     merge: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Save the trained model into `output_dir` (default `trainer.args.output_dir`), checked, and return that path.
 
@@ -210,6 +236,7 @@ def save_final(
     and writes `chatsft-final.json`. Any failure leaves `output_dir` as it was and raises on every rank.
 
     A peft model is saved as its adapter; with `merge=True` a merged full model also goes to `output_dir/merged`.
+    `trust_remote_code` is passed to the reload (a model whose class lives in its folder's own Python files).
     """
     out = Path(output_dir if output_dir is not None else trainer.args.output_dir)
     tmp = out / FINAL_TMP_NAME
@@ -242,7 +269,9 @@ def save_final(
                 if Path(name).name != name or name.startswith("."):
                     raise ValueError(f"extra file name {name!r} must be a plain file name")
                 (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
-            _verify_folder(tmp, state, is_adapter, chat_template, stop_token_ids, check_text)
+            _verify_folder(
+                tmp, state, is_adapter, chat_template, stop_token_ids, check_text, trust_remote_code
+            )
             del state
             if merge and is_adapter:
                 import copy
@@ -251,7 +280,13 @@ def save_final(
                 merged.save_pretrained(tmp / MERGED_SUBDIR)
                 _finish_model_folder(tmp / MERGED_SUBDIR, merged, tokenizer, chat_template, stop_token_ids)
                 _verify_folder(
-                    tmp / MERGED_SUBDIR, merged.state_dict(), False, chat_template, stop_token_ids, check_text
+                    tmp / MERGED_SUBDIR,
+                    merged.state_dict(),
+                    False,
+                    chat_template,
+                    stop_token_ids,
+                    check_text,
+                    trust_remote_code,
                 )
                 del merged
     except Exception as exc:
@@ -270,9 +305,12 @@ def save_final(
     return out
 
 
-def save_run(trainer, tokenizer, encoder, split, output_dir: Path, *, merge: bool = False) -> Path:
+def save_run(
+    trainer, tokenizer, encoder, split, output_dir: Path, model_args=None, manifest: dict | None = None
+) -> Path:
     """`save_final` for a finished `chatsft train` run: the encoder's template as the chat template, its stop ids,
-    the audit and the loss curve beside the weights, and one training conversation to check the template with."""
+    the audit, the run manifest and the loss curve beside the weights, and one training conversation to check
+    the template with. `model_args` gives --merge_lora and --trust_remote_code."""
     import tempfile
 
     from chatsft.templates import render_text
@@ -286,6 +324,10 @@ def save_run(trainer, tokenizer, encoder, split, output_dir: Path, *, merge: boo
         messages = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1]
         check = (messages, render_text(template, messages, bos=tokenizer.bos_token, eos=tokenizer.eos_token))
     extra = {"audit.json": split.audit_json()}
+    if manifest is not None:
+        from chatsft.training.checkpoint import RUN_FILE
+
+        extra[RUN_FILE] = json.dumps(manifest, indent=1)
     with tempfile.TemporaryDirectory() as tmp:
         extra["loss.png"] = plot_loss(trainer.state.log_history, Path(tmp) / "loss.png").read_bytes()
     return save_final(
@@ -296,5 +338,6 @@ def save_run(trainer, tokenizer, encoder, split, output_dir: Path, *, merge: boo
         stop_token_ids=list(encoder.stop_ids),
         extra_files=extra,
         check_text=check,
-        merge=merge,
+        merge=bool(getattr(model_args, "merge_lora", False)),
+        trust_remote_code=bool(getattr(model_args, "trust_remote_code", False)),
     )

@@ -9,6 +9,11 @@ at that same step. Agreement matters: a rank that stopped one step before the ot
 in the next collective, and the checkpoint would mix two steps. The save is the Trainer's ordinary checkpoint, so
 `CheckpointMarker` marks it complete and relaunching the same command resumes from it; `chatsft.train` then
 skips the final save and exits with 128 + the signal number, so the scheduler sees an interrupted job.
+
+A SIGTERM during the final save (`finishing_save`) is held until the save is done: the save takes seconds to
+minutes, less than a checkpoint (no optimizer state) and well inside a scheduler's grace period, and with
+`--save_strategy no` it is the only copy of the training. The run then ends as finished (exit 0) with a line
+saying the signal came and the save was completed first.
 """
 
 from __future__ import annotations
@@ -71,12 +76,12 @@ class PreemptionCallback(TrainerCallback):
             signal.signal(sig, previous)
         self._previous = {}
 
-    def farewell(self, output_dir) -> str:
+    def farewell(self, output_dir, overwrite: bool = False) -> str:
         """The line to print when training stopped for a signal."""
         saved = Path(output_dir) / f"checkpoint-{self.stopped_at}"
         return (
             f"stopped by {signal.Signals(self.signum).name} after step {self.stopped_at}: {saved} is saved; "
-            f"run the same command to resume (exit code {self.exit_code})"
+            f"{rerun_hint(overwrite)} to resume (exit code {self.exit_code})"
         )
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -126,3 +131,25 @@ def preemptible(trainer):
         yield callback
     finally:
         callback.restore()
+
+
+def rerun_hint(overwrite: bool) -> str:
+    """How to resume: the same command, less --overwrite_output_dir (with it, the relaunch would start over)."""
+    return "run the same command without --overwrite_output_dir" if overwrite else "run the same command"
+
+
+@contextlib.contextmanager
+def finishing_save(say, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    """Hold `signals` until the block (the final save) is done, then say that one came; the run ends normally.
+    Outside the main thread nothing can be installed and the default action stays."""
+    got: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if got:
+            say(f"{signal.Signals(got[0]).name} arrived during the final save: the save was completed first")
