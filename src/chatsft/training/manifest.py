@@ -230,8 +230,8 @@ def resolve_run(
         if not resume_anyway:
             raise ConfigError(
                 f"cannot resume from {resume}: it was trained differently ({what}). Restore those "
-                "settings, pass --resume_anyway True to continue with the new ones, or --overwrite_output_dir "
-                "to start over"
+                "settings, pass --resume_anyway True to continue with the new ones, or "
+                "--overwrite_output_dir to start over"
             )
         notices.append(f"--resume_anyway: resuming from {resume} although {what}")
     return resume, notices, False
