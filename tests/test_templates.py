@@ -1,5 +1,5 @@
 """Templates: golden strings for every built-in, the exported Jinja chat_template against transformers, and
-the tokenizer's own template (segments found without {% generation %} markers)."""
+`get_template`'s choice of kind (the tokenizer's own Jinja template is tested in test_jinja_templates)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,15 @@ import pytest
 
 import chatsft
 from chatsft.errors import ConfigError
+from chatsft.jinja_templates import JinjaTemplate
 from chatsft.templates import (
     BUILTINS,
     RenderError,
     Segment,
+    Template,
     get_template,
     render,
     render_text,
-    template_from_tokenizer,
 )
 
 QA = [
@@ -173,80 +174,6 @@ def test_exported_jinja_matches_render_through_transformers(tok, name):
         tok.chat_template = None
 
 
-@pytest.mark.parametrize("name", sorted(set(BUILTINS) - {"yuan2"}))
-def test_tokenizer_template_finds_the_same_segments_as_the_builtin(tok, name):
-    """The tokenizer's own template, with a built-in's Jinja in it, gives the built-in's text and masks."""
-    tok.chat_template = BUILTINS[name].jinja()
-    try:
-        jinja = template_from_tokenizer(tok)
-        for messages in (QA, SQA, QA[:2]):
-            for trained in (None, {len(messages) - 1}):
-                ours = render(jinja, messages, trained, bos=tok.bos_token, eos=tok.eos_token)
-                builtin = render(BUILTINS[name], messages, trained, bos=tok.bos_token, eos=tok.eos_token)
-                assert "".join(s.text for s in ours) == "".join(s.text for s in builtin)
-                assert _trained_spans(ours) == _trained_spans(builtin)
-                assert _content(ours) == _content(builtin)
-    finally:
-        tok.chat_template = None
-
-
-def _trained_spans(segments):
-    spans, pos = [], 0
-    for s in segments:
-        if s.trainable:
-            spans.append((pos, pos + len(s.text), s.turn))
-        pos += len(s.text)
-    merged = []
-    for s, e, t in spans:
-        if merged and merged[-1][1] == s and merged[-1][2] == t:
-            merged[-1] = (merged[-1][0], e, t)
-        else:
-            merged.append((s, e, t))
-    return merged
-
-
-def _content(segments):
-    return [(s.text, s.turn) for s in segments if s.content and s.text]
-
-
-def test_tokenizer_template_with_generation_markers_and_rejections(tok):
-    chatml_gen = (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' %}"
-        "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
-        "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-    tok.chat_template = chatml_gen
-    try:
-        jinja = template_from_tokenizer(tok)
-        segments = render(jinja, SQA)
-        assert "".join(s.text for s in segments) == GOLDEN["chatml"][1]
-        assert [s.text for s in segments if s.trainable] == ["a1", "<|im_end|>", "a2", "<|im_end|>"]
-        assert jinja.jinja() == chatml_gen
-        # a template that strips content cannot be masked exactly: rejected when it matters
-        tok.chat_template = chatml_gen.replace("m['content']", "m['content'] | trim")
-        assert render_text(template_from_tokenizer(tok), QA) == GOLDEN["chatml"][0]
-        with pytest.raises(RenderError) as err:
-            render(template_from_tokenizer(tok), [QA[0], {"role": "assistant", "content": " padded "}])
-        assert err.value.reason == "template_alters_content"
-        # the generation prompt is not the start of the rendering: not prefix-stable
-        tok.chat_template = chatml_gen.replace("'<|im_start|>assistant\n'", "'<|im_start|>bot\n'")
-        with pytest.raises(RenderError) as err:
-            render(template_from_tokenizer(tok), QA)
-        assert err.value.reason == "template_not_prefix_stable"
-        # no control token after a reply: no end of turn to train
-        tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-        with pytest.raises(RenderError) as err:
-            render(template_from_tokenizer(tok), QA)
-        assert err.value.reason in ("template_not_prefix_stable", "no_end_of_turn")
-        tok.chat_template = "{{ raise_exception('no system messages') }}"
-        with pytest.raises(RenderError) as err:
-            render(template_from_tokenizer(tok), QA)
-        assert err.value.reason == "template_error"
-    finally:
-        tok.chat_template = None
-
-
 def test_get_template_auto_tokenizer_and_errors(tok):
     assert get_template("auto", tok)[0].name == "vicuna_v1.1"
     assert "no chat_template" in get_template("auto", tok)[1]
@@ -258,7 +185,9 @@ def test_get_template_auto_tokenizer_and_errors(tok):
     tok.chat_template = BUILTINS["chatml"].jinja()
     try:
         template, notice = get_template("auto", tok)
+        assert isinstance(template, JinjaTemplate) and not isinstance(template, Template)
         assert template.name == "tokenizer" and "own chat_template" in notice
+        assert template.jinja() == BUILTINS["chatml"].jinja() and template.stop == ("<|im_end|>", "</s>")
     finally:
         tok.chat_template = None
 
@@ -266,7 +195,10 @@ def test_get_template_auto_tokenizer_and_errors(tok):
 def test_segments_are_frozen_and_templates_module_imports_no_torch():
     with pytest.raises(AttributeError):
         Segment("a", True, False, 0).text = "b"
-    code = "import sys, chatsft.templates; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
+    code = (
+        "import sys, chatsft.templates, chatsft.jinja_templates; "
+        "sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -1,8 +1,9 @@
-"""The audit of a data set: what happened to every record, and whether each trained reply ends in a stop token.
+"""The audit of a data set: what happened to every record, and whether each trained reply ends in a stop
+token.
 
-`Audit.add` takes each record's `Encoded` result (examples, truncation, drops, the rejection reason) and counts
-it; the check that matters most is the last one: a trained assistant turn must end in a token that stops
-generation (`Encoder.stop_ids`), or the model learns to stop on a token that inference will not stop on.
+`Audit.add` takes each record's `Encoded` result (examples, truncation, drops, the rejection reason) and
+counts it; the check that matters most is the last one: a trained assistant turn must end in a token that
+stops generation (`Encoder.stop_ids`), or the model learns to stop on a token that inference will not stop on.
 `chatsft prepare` writes the audit beside the examples; training writes it into the final model's folder.
 """
 
@@ -37,9 +38,13 @@ class Audit:
     turns_missing_stop: dict[str, int] = field(
         default_factory=dict
     )  # marker -> count: model will not stop there
+    # what a Jinja template changed or decided ("reply text trimmed by the template": N, records split, ...)
+    template_notes: dict[str, int] = field(default_factory=dict)
 
     def add(self, result: Encoded) -> None:
         self.records += 1
+        for note, n in result.notes.items():
+            self.template_notes[note] = self.template_notes.get(note, 0) + n
         if result.rejected:
             self.rejected[result.rejected] = self.rejected.get(result.rejected, 0) + 1
             self.first_rejected.setdefault(result.rejected, result.id)
@@ -114,6 +119,7 @@ class Audit:
         if self.turns_cut:
             rows.append(("  cut by truncation", self.turns_cut))
         rows += [(f"  end in {m!r}, not a stop id", n) for m, n in self.turns_missing_stop.items()]
+        rows += [(f"template: {note}", n) for note, n in sorted(self.template_notes.items())]
         rows += [
             (f"rejected: {r}", f"{n} (first: {self.first_rejected[r]})")
             for r, n in sorted(self.rejected.items())

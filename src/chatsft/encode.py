@@ -16,10 +16,11 @@ tokenization (which would read the control token), and only in those pieces; tra
 `apply_chat_template(..., sanitize_control_tokens=True)` follows the same rule at inference. Split examples
 get ids `ID#k`, k = 0 for the record's first assistant reply.
 
-Speed (the eager dataset encodes every record): labels come from a few bisections per segment boundary over the
-token offsets, not from Python work per token; the per-token rule stays as the fallback for offsets that are not
-monotonic. Records are tokenized one at a time: one backend batch call per chunk of records was measured slower
-(the chunk's renders and encodings held in memory at once cost more than the saved calls; see benchmarks/README.md).
+Speed (the eager dataset encodes every record): labels come from a few bisections per segment boundary over
+the token offsets, not from Python work per token; the per-token rule stays as the fallback for offsets that
+are not monotonic. Records are tokenized one at a time: one backend batch call per chunk of records was
+measured slower (the chunk's renders and encodings held in memory at once cost more than the saved calls; see
+benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import operator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from chatsft.errors import ConfigError
+from chatsft.errors import ConfigError, RenderError
+from chatsft.jinja_templates import JinjaExample, JinjaTemplate
 from chatsft.records import Conversation
-from chatsft.templates import ASSISTANT, USER, RenderError, Segment, Template, render
+from chatsft.templates import ASSISTANT, USER, Segment, Template, render
 
 IGNORE_INDEX = -100
 _START, _END = operator.itemgetter(0), operator.itemgetter(1)
@@ -105,6 +107,7 @@ class Encoded:
     truncated: int = 0
     dropped: int = 0
     turn_ends: list[TurnEnd] = field(default_factory=list)
+    notes: dict[str, int] = field(default_factory=dict)  # what the template changed, counted by the audit
 
 
 class Encoder:
@@ -112,7 +115,11 @@ class Encoder:
     workers)."""
 
     def __init__(
-        self, template: Template, tokenizer, loss_mode: str = "assistant_turns", max_length: int | None = None
+        self,
+        template: Template | JinjaTemplate,
+        tokenizer,
+        loss_mode: str = "assistant_turns",
+        max_length: int | None = None,
     ):
         if loss_mode not in LOSS_MODES:
             raise ConfigError(f"unknown loss mode {loss_mode!r}; choose from {', '.join(LOSS_MODES)}")
@@ -126,6 +133,20 @@ class Encoder:
         )
         self.bos, self.eos = tokenizer.bos_token, tokenizer.eos_token
         added = tokenizer.get_added_vocab()
+        control = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        if isinstance(template, JinjaTemplate):
+            self.template = template = template.bind(tokenizer)
+            control |= set(template.control_tokens)
+            self.stops = set(template.stop)
+        else:
+            self._check_markers(template, added)
+            control |= {template.resolve(m, self.bos, self.eos) for m in template.markers}
+            self.stops = {template.resolve(s, self.bos, self.eos) for s in template.stop}
+        self.control_ids = {added[t]: t for t in control if t in added}
+        self.added_ids = set(added.values())
+        self._backends = {}
+
+    def _check_markers(self, template: Template, added: dict) -> None:
         for marker in template.markers:
             token = template.resolve(marker, self.bos, self.eos)
             if not token:
@@ -139,21 +160,14 @@ class Encoder:
                     f"token of this tokenizer: add it with --add_special_tokens {token!r} "
                     "(the embeddings are resized)"
                 )
-        control = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
-        control |= {template.resolve(m, self.bos, self.eos) for m in template.markers}
-        if template.chat_template is not None:
-            control |= {t for t in template.control_tokens if t in template.chat_template}
-        self.control_ids = {added[t]: t for t in control if t in added}
-        self.added_ids = set(added.values())
-        self.stops = {template.resolve(s, self.bos, self.eos) for s in template.stop}
-        self._backends = {}
 
     def __getstate__(self):
         return {**self.__dict__, "_backends": {}}
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
-        """The ids that end generation: the tokenizer's EOS and the template's end-of-turn tokens. The audit checks
+        """The ids that end generation: the tokenizer's EOS and the template's end-of-turn tokens. The audit
+        checks
         every trained reply against them, and the final save writes them into `generation_config`."""
         added = self.tokenizer.get_added_vocab()
         found = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -163,32 +177,75 @@ class Encoder:
 
     def encode(self, conv: Conversation, keep_spans: bool = False) -> Encoded:
         result = Encoded(id=conv.id)
+        train_all = self.loss_mode == "all_tokens"
         try:
-            for ex_id, messages, trained in self.views(conv):
-                segments = render(self.template, messages, trained, bos=self.bos, eos=self.eos)
-                example, ends = self.encode_segments(
-                    segments, ex_id, train_all=self.loss_mode == "all_tokens"
-                )
-                self._truncate(example, ends, result)
-                if not keep_spans:
-                    example.spans = None
+            if isinstance(self.template, JinjaTemplate):
+                examples, notes = self._jinja_plan(conv)
+                result.notes = dict(notes)
+                made = [self.encode_jinja(ex, conv.id + ex.suffix, train_all) for ex in examples]
+            else:
+                tools = getattr(conv, "tools", None)
+                made = [
+                    self.encode_segments(
+                        render(self.template, messages, trained, bos=self.bos, eos=self.eos, tools=tools),
+                        ex_id,
+                        train_all,
+                    )
+                    for ex_id, messages, trained in self.views(conv)
+                ]
         except RenderError as err:
-            return Encoded(id=conv.id, rejected=err.reason, detail=err.detail)
+            return Encoded(id=conv.id, rejected=err.reason, detail=err.detail, notes=result.notes)
+        for example, ends in made:
+            self._truncate(example, ends, result)
+            if not keep_spans:
+                example.spans = None
         return result
 
+    def trained_replies(self, conv: Conversation) -> tuple[list[dict], list[int]]:
+        """The messages up to the last reply that trains, and the replies the loss mode trains (weight 0:
+        none)."""
+        messages = conv.messages
+        replies = [i for i, m in enumerate(messages) if m.get("role") == ASSISTANT]
+        trained = [i for i in replies if messages[i].get("weight", 1) != 0]
+        if not replies:
+            raise RenderError("no_assistant_reply", "the record has no assistant reply to train")
+        if not trained:
+            raise RenderError("no_trained_reply", "every assistant reply has weight 0")
+        if self.loss_mode == "last_response":
+            trained = trained[-1:]
+        return messages[: trained[-1] + 1], trained
+
+    def _jinja_plan(self, conv: Conversation) -> tuple[list[JinjaExample], dict]:
+        messages, trained = self.trained_replies(conv)
+        return self.template.plan(
+            messages, trained, getattr(conv, "tools", None), per_turn=self.loss_mode == "split_turns"
+        )
+
     def views(self, conv: Conversation) -> list[tuple[str, list[dict], set[int] | None]]:
-        """(example id, messages, trained assistant indices) per example the loss mode makes of a record."""
+        """(example id, messages, trained assistant indices) per example the loss mode makes of a record. For
+        a
+        Jinja template the messages are those up to the example's last trained reply (rendering decides)."""
+        if isinstance(self.template, JinjaTemplate):
+            messages = conv.messages
+            return [
+                (conv.id + ex.suffix, messages[: max(ex.turns) + 1], set(ex.turns))
+                for ex in self._jinja_plan(conv)[0]
+            ]
         messages = conv.messages  # render checks the roles
         if messages[-1]["role"] == USER:
             messages = messages[:-1]  # a trailing user turn has no reply to train
         replies = [i for i, m in enumerate(messages) if m["role"] == ASSISTANT]
         if not replies:
             raise RenderError("no_assistant_reply", "the record has no assistant reply to train")
+        trained = [i for i in replies if messages[i].get("weight", 1) != 0]
+        if not trained:
+            raise RenderError("no_trained_reply", "every assistant reply has weight 0")
+        every = None if len(trained) == len(replies) else set(trained)  # None: yuan2's all-replies format
         if self.loss_mode == "last_response":
-            return [(conv.id, messages, {replies[-1]})]
+            return [(conv.id, messages[: trained[-1] + 1], {trained[-1]})]
         if self.loss_mode == "split_turns":
-            return [(f"{conv.id}#{k}", messages[: i + 1], {i}) for k, i in enumerate(replies)]
-        return [(conv.id, messages, None)]
+            return [(f"{conv.id}#{replies.index(i)}", messages[: i + 1], {i}) for i in trained]
+        return [(conv.id, messages, every)]
 
     def _truncate(self, example: Example, ends: list[TurnEnd], result: Encoded) -> None:
         limit = self.max_length
@@ -228,11 +285,52 @@ class Encoder:
         for s in segments:
             if s.trainable and not s.content:
                 markers[s.turn] = s.text
-        ends, jinja, stops = [], self.template.chat_template is not None, tuple(self.stops)
+        ends, stops = [], tuple(self.stops)
         for turn, index in sorted(last.items()):
             marker = markers.get(turn, "")
-            stop = ids[index] in self.control_ids if jinja else marker.endswith(stops)
-            ends.append(TurnEnd(example_id, turn, index, ids[index], marker, stop))
+            ends.append(TurnEnd(example_id, turn, index, ids[index], marker, marker.endswith(stops)))
+        return Example(example_id, text, ids, labels, spans), ends
+
+    def encode_jinja(self, plan: JinjaExample, example_id: str, train_all: bool = False):
+        """Tokenize a Jinja example's text once and train every token overlapping a trained span (the rule's
+        completions; an end token that absorbs the whitespace after it, Phi-3.5's rstrip `<|end|>`,
+        trains)."""
+        text = plan.text
+        segments, pos = [], 0  # the data's control tokens as content segments, for `_sanitize`
+        for s, e in plan.data:
+            if s > pos:
+                segments.append(Segment(text[pos:s], False, False, -1))
+            segments.append(Segment(text[s:e], False, True, -1))
+            pos = e
+        if pos < len(text) or not segments:
+            segments.append(Segment(text[pos:], False, False, -1))
+        starts = list(itertools.accumulate([len(s.text) for s in segments[:-1]], initial=0))
+
+        def covered(s: int, e: int) -> list[Segment]:
+            a = bisect.bisect_right(starts, s) - 1
+            return segments[a : max(a, bisect.bisect_right(starts, e - 1) - 1) + 1]
+
+        enc = self._naive().encode(text, add_special_tokens=False)
+        ids, spans = self._sanitize(text, enc.ids, enc.offsets, covered, segments, starts)
+        labels = list(ids) if train_all else [IGNORE_INDEX] * len(ids)
+        ends, markers = [], dict(plan.markers)
+        tok_ends = list(map(_END, spans))
+        ordered = tok_ends == sorted(tok_ends)
+        for s, e, turn in plan.spans:
+            if ordered:  # tokens ending after s, up to the last one starting before e
+                first = bisect.bisect_right(tok_ends, s)
+                hit = []
+                for k in range(first, len(ids)):
+                    if spans[k][0] >= e:
+                        break
+                    hit.append(k)
+            else:
+                hit = [k for k, (a, b) in enumerate(spans) if a < e and b > s]
+            for k in hit:
+                labels[k] = ids[k]
+            if hit:
+                marker = markers.get(turn, "")
+                ends.append(TurnEnd(example_id, turn, hit[-1], ids[hit[-1]], marker, True))
         return Example(example_id, text, ids, labels, spans), ends
 
     def _sanitize(self, text: str, ids: list[int], spans: list[tuple[int, int]], covered, segments, starts):
@@ -368,7 +466,8 @@ def _label_by_segment(segments, starts, ids, spans, train_all):
     labels += ids[k0:] if flag else [IGNORE_INDEX] * (len(ids) - k0)
     if straddle is not None:
         return labels[:straddle], {}, straddle
-    last = {}  # a turn's last token: the last one ending inside its last segment that has one (none straddles)
+    # a turn's last token: the last one ending inside its last segment that has one (none straddles)
+    last = {}
     for i in range(len(segments) - 1, -1, -1):
         seg = segments[i]
         if seg.trainable and seg.turn not in last:

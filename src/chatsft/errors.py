@@ -21,3 +21,12 @@ class ConfigError(ChatsftError):
     """A flag, a config file or a model/template combination is wrong."""
 
     exit_code = 2
+
+
+class RenderError(ValueError):
+    """A record a template cannot render or train exactly; `reason` is a stable code counted by the audit."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail

@@ -1,26 +1,26 @@
-"""Prompt formats as data: a `Template` per model family, one `render` loop, the tokenizer's own Jinja.
+"""Prompt formats as data: a `Template` per model family, one `render` loop, `get_template` for both kinds.
 
 `render(template, messages)` turns messages into `Segment`s: pieces of the rendered text, each saying whether
 it is trained, whether it came from a message (user data, encoded as plain text, never as control tokens) and
 which message it belongs to. A trained assistant turn is the reply as the template writes it (vicuna: " " +
 content, since SentencePiece folds that space into the first word) plus its end-of-turn marker; separators
 after the marker (chatml's "\\n") are not trained. Every built-in also exports the Jinja `chat_template` that
-renders the same text, so the template used in training is the one inference uses. No torch or transformers
-import here.
+renders the same text, so the template used in training is the one inference uses. A tokenizer's own Jinja
+template is a `jinja_templates.JinjaTemplate` (its own rule, no segments); `get_template` returns either kind
+and `render_text` renders either. No torch or transformers import here.
 """
 
 from __future__ import annotations
 
-import json
 import operator
 import re
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from chatsft.errors import ConfigError
+from chatsft.errors import ConfigError, RenderError
+from chatsft.jinja_templates import JinjaTemplate
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 
@@ -30,15 +30,6 @@ class Segment(NamedTuple):  # a tuple: immutable and cheap to build (a conversat
     trainable: bool
     content: bool  # True: text from a message, encoded as plain text (never as control tokens)
     turn: int  # index in `messages` of the message this text belongs to; -1 for text of no message
-
-
-class RenderError(ValueError):
-    """A record this template cannot render exactly; `reason` is a stable code counted by the audit."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -51,8 +42,8 @@ class Template:
     `after` (not trained). An empty system message renders as no system block unless `keep_empty_system`
     (the real chatml and Mistral templates write it). `join`/`single_cue` describe
     Yuan2 (see YUAN2). `markers` are the control tokens the format writes: each must be one token of the
-    tokenizer. `stop` are the end-of-turn markers that end generation. `chat_template` is set only for the
-    tokenizer's own Jinja template.
+    tokenizer. `stop` are the end-of-turn markers that end generation. (A tokenizer's own Jinja template is
+    a `jinja_templates.JinjaTemplate`.)
     """
 
     name: str
@@ -72,18 +63,13 @@ class Template:
     markers: tuple[str, ...] = ("{eos}",)
     stop: tuple[str, ...] = ("{eos}",)
     notes: str = ""
-    chat_template: str | None = None
-    jinja_vars: tuple[
-        tuple[str, str], ...
-    ] = ()  # special tokens passed to the Jinja template (tokenizer only)
-    control_tokens: tuple[str, ...] = ()  # the tokenizer's added tokens (tokenizer template only)
 
     def resolve(self, text: str, bos: str | None, eos: str | None) -> str:
         return text.replace("{bos}", bos or "").replace("{eos}", eos or "")
 
     def jinja(self) -> str:
         """The Jinja chat template that renders this format (what `tokenizer.chat_template` should hold)."""
-        return self.chat_template if self.chat_template is not None else _to_jinja(self)
+        return _to_jinja(self)
 
 
 VICUNA = Template(
@@ -180,7 +166,7 @@ BUILTINS: dict[str, Template] = {
 TEMPLATE_CHOICES = ("auto", "tokenizer", *BUILTINS)
 
 
-def get_template(name: str, tokenizer=None) -> tuple[Template, str]:
+def get_template(name: str, tokenizer=None) -> tuple[Template | JinjaTemplate, str]:
     """Resolve `--conv_template`: a built-in name, 'tokenizer' (its own Jinja template) or 'auto'.
 
     Returns the template and a one-line notice saying which was picked.
@@ -200,29 +186,9 @@ def get_template(name: str, tokenizer=None) -> tuple[Template, str]:
     raise ConfigError(f"unknown --conv_template {name!r}; choose from {', '.join(TEMPLATE_CHOICES)}")
 
 
-def template_from_tokenizer(tokenizer) -> Template:
-    """A Template wrapping the tokenizer's Jinja chat_template, with the special tokens it may refer to."""
-    jinja_vars = tuple((k, v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str))
-    added = tuple(t for t in tokenizer.get_added_vocab() if t.strip())
-    template = Template(
-        name="tokenizer",
-        chat_template=tokenizer.chat_template,
-        jinja_vars=jinja_vars,
-        control_tokens=added,
-        markers=(),
-        stop=(),
-    )
-    try:  # its end-of-turn token, from a probe reply, is what generation must stop at
-        probe = [{"role": USER, "content": "Hi"}, {"role": ASSISTANT, "content": "Hello"}]
-        end = [
-            s.text
-            for s in render(template, probe, bos=tokenizer.bos_token, eos=tokenizer.eos_token)
-            if s.trainable and not s.content
-        ][-1]
-        stop = max((t for t in added if end.endswith(t)), key=len)
-    except (RenderError, IndexError, ValueError):
-        return template
-    return replace(template, stop=(stop,))
+def template_from_tokenizer(tokenizer) -> JinjaTemplate:
+    """The tokenizer's own Jinja chat_template, bound to its special tokens, control tokens and stops."""
+    return JinjaTemplate.from_tokenizer(tokenizer)
 
 
 def refuse_tools_and_reasoning(template: Template, messages: Sequence[Mapping], tools=None) -> None:
@@ -277,14 +243,13 @@ def render(
     them, which for yuan2 also selects the all-replies format). `bos`/`eos`: the tokenizer's tokens (None or
     "" = none). With `add_generation_prompt` the messages must end on a user turn and the prompt for the next
     reply is rendered. `tools`: the conversation's tool definitions, which no table format can write."""
-    if template.chat_template is None:
-        refuse_tools_and_reasoning(template, messages, tools)
+    if isinstance(template, JinjaTemplate):
+        raise TypeError("a Jinja template has no segments; use JinjaTemplate.plan (see encode.Encoder)")
+    refuse_tools_and_reasoning(template, messages, tools)
     start = check_messages(messages)
     last = len(messages) - 1
     if add_generation_prompt and messages[last]["role"] != USER:
         raise RenderError("bad_roles", "a generation prompt needs the messages to end on a user turn")
-    if template.chat_template is not None:
-        return _render_jinja(template, messages, trained, bos, eos, add_generation_prompt)
     system = messages[0]["content"] if start else template.default_system
     plan = _plan(
         template,
@@ -367,7 +332,11 @@ def _plan(
     return tuple(merged)
 
 
-def render_text(template: Template, messages, trained=None, **kwargs) -> str:
+def render_text(template: Template | JinjaTemplate, messages, trained=None, *, tools=None, **kwargs) -> str:
+    """The rendered text of `messages`, for either kind of template (a Jinja one renders as transformers does;
+    `trained`, `bos` and `eos` only shape a built-in's text)."""
+    if isinstance(template, JinjaTemplate):
+        return template.render_text(messages, tools, kwargs.get("add_generation_prompt", False))
     return "".join(s.text for s in render(template, messages, trained, **kwargs))
 
 
@@ -403,7 +372,7 @@ def _merge(segments: list[Segment]) -> list[Segment]:
     return out
 
 
-# ---- Jinja: the exported chat_template of a built-in, and rendering the tokenizer's own template ----
+# ---- Jinja: the exported chat_template of a built-in ----
 
 
 def _lit(text: str) -> str:
@@ -459,129 +428,3 @@ def _to_jinja(t: Template) -> str:
             "{%- endif -%}"
         )
     return "".join(out)
-
-
-@lru_cache(maxsize=16)
-def _compile(source: str):
-    """Compile a chat template in an environment like transformers' (chat_template_utils)."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(jinja2.ext.Extension):
-        # `{% generation %}` only marks text for transformers' assistant mask: render its body as is
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
-
-
-_S0, _S1 = "\ue000", "\ue001"  # private-use characters around a message's index locate its content
-
-
-def _run_jinja(template: Template, messages, gen: bool, variables: dict) -> str:
-    try:
-        return _compile(template.chat_template).render(
-            messages=[dict(m) for m in messages],
-            tools=None,
-            documents=None,
-            add_generation_prompt=gen,
-            **variables,
-        )
-    except Exception as err:  # a template's raise_exception(), or any error inside it
-        raise RenderError(
-            "template_error", str(err).splitlines()[0] if str(err) else type(err).__name__
-        ) from None
-
-
-def _render_jinja(template, messages, trained, bos, eos, gen) -> list[Segment]:
-    """Segments of the tokenizer's template, found without {% generation %} markers.
-
-    Each message's content is located by rendering with a sentinel in its place; the real rendering must be
-    the sentinel rendering with the contents put back (else the template alters content: rejected). A trained
-    reply starts where the generation prompt for the messages before it ends (the prompt must be a prefix of
-    the full rendering, followed only by whitespace before the content: else not prefix-stable, rejected) and
-    ends after the first control token the template writes after the content (its end-of-turn; none:
-    rejected).
-    """
-    variables = dict(template.jinja_vars)
-    variables.update({k: v for k, v in (("bos_token", bos), ("eos_token", eos)) if v})
-    if any(_S0 in m["content"] or _S1 in m["content"] for m in messages):
-        raise RenderError("unrenderable_content", "a message contains U+E000/U+E001")
-    marked = [{"role": m["role"], "content": f"{_S0}{i}{_S1}"} for i, m in enumerate(messages)]
-    sketch = _run_jinja(template, marked, gen, variables)
-    pieces = re.split(f"{_S0}(\\d+){_S1}", sketch)
-    order = [int(x) for x in pieces[1::2]]
-    if order != list(range(len(messages))):
-        raise RenderError("template_alters_content", "messages are not rendered once each, in order")
-    text = "".join(p if k % 2 == 0 else messages[int(p)]["content"] for k, p in enumerate(pieces))
-    if _run_jinja(template, messages, gen, variables) != text:
-        raise RenderError("template_alters_content", "the template changes message text (e.g. strips it)")
-    spans, pos = [], len(pieces[0])
-    for i in range(len(messages)):
-        spans.append((pos, pos + len(messages[i]["content"])))
-        pos = spans[-1][1] + len(pieces[2 * i + 2])
-    assistants = [i for i, m in enumerate(messages) if m["role"] == ASSISTANT]
-    train = set(assistants if trained is None else trained) if not gen else set()
-    marks = []  # (start, end, trainable, content, turn)
-    for i, (s, e) in enumerate(spans):
-        marks.append((s, e, i in train, True, i))
-    for k in sorted(train):
-        prompt = _run_jinja(template, messages[:k], True, variables)
-        s, e = spans[k]
-        if not text.startswith(prompt) or len(prompt) > s or text[len(prompt) : s].strip():
-            raise RenderError(
-                "template_not_prefix_stable",
-                f"the generation prompt before message {k} is not the start of the full rendering",
-            )
-        tail_end = spans[k + 1][0] if k + 1 < len(spans) else len(text)
-        eot = _first_control(text, e, tail_end, template.control_tokens)
-        if eot is None:
-            raise RenderError("no_end_of_turn", f"no control token follows reply {k}")
-        marks += [(len(prompt), s, True, False, k), (e, eot, True, False, k)]
-    return _merge(_cut(text, marks))
-
-
-def _first_control(text: str, start: int, stop: int, tokens: Sequence[str]) -> int | None:
-    best = None
-    for tok in tokens:
-        j = text.find(tok, start, stop)
-        if j >= 0 and (best is None or (j, -len(tok)) < best):
-            best = (j, -len(tok))
-    return None if best is None else best[0] - best[1]
-
-
-def _cut(text: str, marks: list[tuple[int, int, bool, bool, int]]) -> list[Segment]:
-    """Cut `text` into segments: the marked spans (non-overlapping) with their flags, untrained template
-    elsewhere."""
-    out, pos = [], 0
-    for s, e, trainable, content, turn in sorted(marks):
-        if s > pos:
-            out.append(Segment(text[pos:s], False, False, -1))
-        if e > s or content:
-            out.append(Segment(text[s:e], trainable, content, turn))
-        pos = max(pos, e)
-    if pos < len(text):
-        out.append(Segment(text[pos:], False, False, -1))
-    return out
