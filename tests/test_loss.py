@@ -7,10 +7,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from chatsft.collate import STATS_KEY, PackedCollator, PadCollator
 from chatsft.errors import ConfigError
-from chatsft.training.loss import causal_lm_loss, check_packing, loss_mode, trained_positions
+from chatsft.training.loss import (
+    causal_lm_loss,
+    check_packing,
+    chunked_cross_entropy,
+    logits_route,
+    trained_positions,
+)
 
 X = -100
 VOCAB = 101
@@ -58,9 +65,9 @@ def _reference(model, batch, num_items_in_batch=None):
     return loss.detach(), _grads(model)
 
 
-def _ours(model, batch, num_items_in_batch=None, mode=None):
+def _ours(model, batch, num_items_in_batch=None, route=None, head="plain"):
     model.zero_grad()
-    loss, aux = causal_lm_loss(model, batch, num_items_in_batch, mode=mode)
+    loss, aux = causal_lm_loss(model, batch, num_items_in_batch, route=route, head=head)
     loss.backward()
     return loss.detach(), _grads(model), aux
 
@@ -74,22 +81,54 @@ def _assert_same(ref, ours):
 
 
 @pytest.mark.parametrize("collate", ["pad", "packed"])
-@pytest.mark.parametrize("mode", ["logits_to_keep", "decoder", "full_logits"])
-def test_loss_and_gradients_match_the_model_loss(collate, mode):
+@pytest.mark.parametrize("route", ["logits_to_keep", "decoder", "full_logits"])
+@pytest.mark.parametrize("head", ["plain", "chunked"])
+def test_loss_and_gradients_match_the_model_loss(collate, route, head):
     model = _model()
     batch = (PadCollator(0) if collate == "pad" else PackedCollator())(_examples())
     n = int((batch["labels"][:, 1:] != X).sum())
     assert n == 3 + 2 + 5
-    ours = _ours(model, batch, mode=mode)
+    ours = _ours(model, batch, route=route, head=head)
     _assert_same(_reference(model, batch), ours)
     assert ours[2]["num_trained"].item() == n
     # num_items_in_batch as the Trainer passes it under gradient accumulation (more items than this batch)
-    _assert_same(_reference(model, batch, torch.tensor(25)), _ours(model, batch, torch.tensor(25), mode=mode))
+    items = torch.tensor(25)
+    _assert_same(_reference(model, batch, items), _ours(model, batch, items, route=route, head=head))
 
 
-def test_default_mode_for_transformers_models_is_logits_to_keep():
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 64])
+def test_chunked_cross_entropy_equals_the_plain_one_in_fp32(chunk_rows):
+    """Loss within 1e-6 and gradients equal, whatever the block size (the last block may be short)."""
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(17, 1000, generator=g) * 3).requires_grad_()
+    targets = torch.randint(0, 1000, (17,), generator=g)
+    plain = F.cross_entropy(logits, targets, reduction="sum")
+    (plain_grad,) = torch.autograd.grad(plain * 0.5, logits)
+    chunked = chunked_cross_entropy(logits, targets, chunk_rows)
+    (chunked_grad,) = torch.autograd.grad(chunked * 0.5, logits)
+    assert abs(chunked.item() - plain.item()) <= 1e-6 * plain.item()
+    assert abs(chunked.item() / 17 - plain.item() / 17) <= 1e-6
+    torch.testing.assert_close(chunked_grad, plain_grad, atol=1e-7, rtol=1e-6)
+
+
+def test_chunked_head_keeps_the_logits_dtype_for_the_gradient():
+    logits = torch.randn(5, 300, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.tensor([0, 299, 7, 7, 150])
+    loss = chunked_cross_entropy(logits, targets, chunk_rows=2)
+    loss.backward()
+    assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    reference = F.cross_entropy(logits.detach().float(), targets, reduction="sum")
+    assert abs(loss.item() - reference.item()) <= 1e-6 * reference.item()
+
+
+def test_unknown_loss_head_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown loss head 'fused'; choose one of plain, chunked"):
+        causal_lm_loss(_model(), PadCollator(0)(_examples()), head="fused")
+
+
+def test_default_route_for_transformers_models_is_logits_to_keep():
     model = _model()
-    assert loss_mode(model) == "logits_to_keep"
+    assert logits_route(model) == "logits_to_keep"
 
 
 def test_head_runs_only_on_trained_positions():
@@ -157,9 +196,9 @@ class _Wrapper(torch.nn.Module):
 def test_models_without_logits_to_keep_use_their_decoder_or_full_logits():
     llama = _model()
     remote = _RemoteCodeLike(llama)
-    assert loss_mode(remote) == "decoder"
-    assert loss_mode(_Wrapper(remote)) == "full_logits"  # never call submodules behind a distributed wrapper
-    assert loss_mode(_Wrapper(llama)) == "logits_to_keep"  # the top-level forward goes through the wrapper
+    assert logits_route(remote) == "decoder"
+    assert logits_route(_Wrapper(remote)) == "full_logits"  # never call submodules behind a wrapper
+    assert logits_route(_Wrapper(llama)) == "logits_to_keep"  # the top-level forward goes through the wrapper
     batch = PackedCollator()(_examples())
     ref = _reference(llama, batch)
     _assert_same(ref, _ours(remote, batch))
@@ -172,7 +211,7 @@ def test_peft_lora_model():
 
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = get_peft_model(_model(), lora)
-    assert loss_mode(model) == "logits_to_keep"
+    assert logits_route(model) == "logits_to_keep"
     for batch in (PadCollator(0)(_examples()), PackedCollator()(_examples())):
         ref = _reference(model, batch, torch.tensor(12))
         ours = _ours(model, batch, torch.tensor(12))

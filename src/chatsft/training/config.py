@@ -1,4 +1,5 @@
-"""The three argument dataclasses of `chatsft train` and how a command line (plus `--config FILE.yaml`) becomes them.
+"""The three argument dataclasses of `chatsft train` and how a command line (plus `--config FILE.yaml`)
+becomes them.
 
 Training arguments extend `transformers.TrainingArguments`, so every HF flag works. FastChat's names are kept
 (`--data_path`, `--lazy_preprocess`, `--model_max_length`, ...); flags that transformers 5 renamed or removed
@@ -63,8 +64,8 @@ class ModelArguments:
     )
 
     def load_dtype(self, args) -> str | None:
-        """Full fine-tuning keeps fp32 master weights (the Trainer autocasts to bf16/fp16); LoRA loads the frozen
-        base in the half type, since only the adapters are optimised."""
+        """Full fine-tuning keeps fp32 master weights (the Trainer autocasts to bf16/fp16); LoRA loads the
+        frozen base in the half type, since only the adapters are optimised."""
         if self.lora_r > 0:
             return "bf16" if args.bf16 else "fp16" if args.fp16 else None
         return None
@@ -163,6 +164,14 @@ class TrainingArguments(transformers.TrainingArguments):
             "default): the same update, 5-9x faster per step on CPU (benchmarks/README.md)."
         },
     )
+    loss_head: str = field(
+        default="plain",
+        metadata={
+            "help": "Cross-entropy over the trained logits: plain (fp32 copy, F.cross_entropy) or chunked "
+            "(fp32 in blocks of rows, same result, far less memory at large vocabularies; training/loss.py).",
+            "choices": ["plain", "chunked"],
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the collator picks columns."}
     )
@@ -206,15 +215,16 @@ class TrainingArguments(transformers.TrainingArguments):
 def parse_args(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, TrainingArguments, list[str]]:
-    """Parse `argv` (after `--config FILE.yaml` expansion and FastChat flag translation); return notices too."""
+    """Parse `argv` (after `--config FILE.yaml` expansion and FastChat flag translation); return notices
+    too."""
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = expand_config(argv)
     argv, notices = translate_flags(argv)
     parser = transformers.HfArgumentParser(
         (ModelArguments, DataArguments, TrainingArguments),
         prog="chatsft train",
-        description="Fine-tune a causal LM on conversations. `--config FILE.yaml` reads flags from a YAML mapping "
-        "(command-line flags override it); FastChat-era flags are translated with a notice.",
+        description="Fine-tune a causal LM on conversations. `--config FILE.yaml` reads flags from a YAML "
+        "mapping (command-line flags override it); FastChat-era flags are translated with a notice.",
     )
     try:
         model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
@@ -232,7 +242,8 @@ def parse_args(
 
 
 def expand_config(argv: list[str]) -> list[str]:
-    """Replace `--config FILE.yaml` by the flags it holds, placed first so that command-line flags override it."""
+    """Replace `--config FILE.yaml` by the flags it holds, placed first so that command-line flags override
+    it."""
     if "--config" not in argv:
         return argv
     i = argv.index("--config")

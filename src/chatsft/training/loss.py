@@ -15,6 +15,14 @@ Normalisation follows transformers' `ForCausalLMLoss`: sum over trained targets 
 `num_items_in_batch` when given (the HF Trainer counts `labels[..., 1:] != -100` over all micro-batches of
 an optimizer step, which makes gradient accumulation exact), else the mean over this batch's trained targets
 (0, not NaN, when there are none).
+
+The loss head is how the cross-entropy is taken over those logits. "plain" (the default) upcasts them to fp32
+and calls `F.cross_entropy`, which keeps an fp32 copy and an fp32 log-softmax of the whole (n_trained, vocab)
+block alive for backward: at a 150k vocabulary and 8k trained tokens that is about 10 GB. "chunked"
+(`chunked_cross_entropy`) keeps only the logits as the model returned them (bf16 under autocast) and one
+log-sum-exp per row, and works in fp32 on a few hundred rows at a time, forward and backward; the result is
+the same (tests compare losses and gradients in fp32). It is not the default because the GPU measurement
+that would decide it (benchmarks/gpu) has not been run yet.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from chatsft.collate import IGNORE_INDEX, STATS_KEY, PackedCollator
 from chatsft.errors import ConfigError
 
 NON_MODEL_KEYS = (STATS_KEY,)  # batch keys that are ours and never reach the model
+LOSS_HEADS = ("plain", "chunked")
+CHUNK_BYTES = 1 << 28  # fp32 working block of the chunked head: 256 MiB (441 rows at a 152k vocabulary)
 
 
 def trained_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -39,8 +49,8 @@ def trained_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def loss_mode(model) -> str:
-    """How `causal_lm_loss` computes logits for `model`: "logits_to_keep", "decoder" or "full_logits"."""
+def logits_route(model) -> str:
+    """How `causal_lm_loss` gets the trained logits: "logits_to_keep", "decoder" or "full_logits"."""
     inner, wrapped = _unwrap(model)
     base = inner
     if _is_peft(inner):
@@ -55,14 +65,22 @@ def loss_mode(model) -> str:
     return "full_logits"
 
 
-def causal_lm_loss(model, inputs: dict, num_items_in_batch=None, *, mode: str | None = None):
+def causal_lm_loss(
+    model, inputs: dict, num_items_in_batch=None, *, route: str | None = None, head: str = "plain"
+):
     """Next-token cross-entropy over trained targets only -> (loss, aux).
 
     `inputs` is a collated batch with `labels` (not pre-shifted); everything else but our own keys goes to the
-    model. `aux` holds `num_trained` (a 0-d tensor). `mode` overrides `loss_mode(model)` (for tests).
+    model. `aux` holds `num_trained` (a 0-d tensor). `route` overrides `logits_route(model)` (for tests);
+    `head` is how the cross-entropy is taken over the trained logits (`LOSS_HEADS`).
     """
-    logits, targets = _trained_logits_and_targets(model, inputs, mode)
-    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    if head not in LOSS_HEADS:
+        raise ConfigError(f"unknown loss head {head!r}; choose one of {', '.join(LOSS_HEADS)}")
+    logits, targets = _trained_logits_and_targets(model, inputs, route)
+    if head == "chunked":
+        loss = chunked_cross_entropy(logits, targets)
+    else:
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     n = torch.tensor(targets.shape[0], device=loss.device)
     if num_items_in_batch is None:
         loss = loss / n.clamp(min=1)
@@ -73,9 +91,49 @@ def causal_lm_loss(model, inputs: dict, num_items_in_batch=None, *, mode: str | 
     return loss, {"num_trained": n}
 
 
-def per_token_losses(model, inputs: dict, *, mode: str | None = None) -> torch.Tensor:
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None):
+    """Summed cross-entropy of `logits` (n, vocab) against `targets` (n,), in fp32 blocks of `chunk_rows`.
+
+    Equal to `F.cross_entropy(logits.float(), targets, reduction="sum")`, but it saves for backward only the
+    logits themselves and one fp32 log-sum-exp per row; the gradient is built block by block in the logits'
+    dtype. Default block: `CHUNK_BYTES` of fp32.
+    """
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_BYTES // (4 * max(logits.shape[-1], 1)))
+    return _ChunkedCrossEntropy.apply(logits, targets, chunk_rows)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, chunk_rows):
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        losses = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for start in range(0, n, chunk_rows):
+            block = logits[start : start + chunk_rows].float()
+            rows = targets[start : start + chunk_rows]
+            lse[start : start + chunk_rows] = torch.logsumexp(block, dim=-1)
+            target_logit = block.gather(1, rows[:, None]).squeeze(1)
+            losses[start : start + chunk_rows] = lse[start : start + chunk_rows] - target_logit
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return losses.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            end = start + ctx.chunk_rows
+            probs = torch.exp(logits[start:end].float() - lse[start:end, None])  # softmax
+            probs[torch.arange(probs.shape[0], device=probs.device), targets[start:end]] -= 1.0
+            grad[start:end] = (probs * grad_output).to(grad.dtype)
+        return grad, None, None
+
+
+def per_token_losses(model, inputs: dict, *, route: str | None = None) -> torch.Tensor:
     """Cross-entropy of every trained target of `inputs`, in row-major order (1-D)."""
-    logits, targets = _trained_logits_and_targets(model, inputs, mode)
+    logits, targets = _trained_logits_and_targets(model, inputs, route)
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 
@@ -124,32 +182,32 @@ def check_packing(model, examples: list[dict], tol: float = 1e-4) -> float:
     return diff
 
 
-def _trained_logits_and_targets(model, inputs: dict, mode: str | None):
+def _trained_logits_and_targets(model, inputs: dict, route: str | None):
     """Logits (n_trained, vocab) where the next token is trained, and those n_trained targets, row-major."""
     labels = inputs["labels"]
     model_inputs = {k: v for k, v in inputs.items() if k != "labels" and k not in NON_MODEL_KEYS}
     keep = trained_positions(labels)
     targets = labels[:, 1:][keep[:, :-1]]
-    logits = _trained_logits(model, model_inputs, keep, mode or loss_mode(model))
+    logits = _trained_logits(model, model_inputs, keep, route or logits_route(model))
     if logits.shape[0] != targets.shape[0]:
         raise RuntimeError(f"the model returned {logits.shape[0]} logits for {targets.shape[0]} targets")
     return logits, targets.to(logits.device)
 
 
-def _trained_logits(model, model_inputs: dict, keep: torch.Tensor, mode: str) -> torch.Tensor:
-    """Logits (n_trained, vocab) at the positions where `keep` is True, computed by `mode`."""
-    if mode == "logits_to_keep":
+def _trained_logits(model, model_inputs: dict, keep: torch.Tensor, route: str) -> torch.Tensor:
+    """Logits (n_trained, vocab) at the positions where `keep` is True, computed by `route`."""
+    if route == "logits_to_keep":
         out = model(**model_inputs, use_cache=False, logits_to_keep=keep)
         return _logits(out)
-    if mode == "decoder":
+    if route == "decoder":
         inner, _ = _unwrap(model)
         base = inner.get_base_model() if _is_peft(inner) else inner
         hidden = _decoder(base)(**model_inputs, use_cache=False)[0]
         return base.lm_head(hidden[keep.to(hidden.device)])
-    if mode == "full_logits":
+    if route == "full_logits":
         logits = _logits(model(**model_inputs, use_cache=False))
         return logits[keep.to(logits.device)]
-    raise ValueError(f"unknown loss mode {mode!r}")
+    raise ValueError(f"unknown logits route {route!r}")
 
 
 def _logits(out) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The HF Trainer with chatsft's loss (the LM head and cross-entropy run only where a label is trained), and
-how one is built for a run: the batching the data arguments ask for (padding-free rows, packed rows or padding),
-checked by the packing self-test, with the throughput meter and the checkpoint marker.
+how one is built for a run: the batching the data arguments ask for (padding-free rows, packed rows or
+padding), checked by the packing self-test, with the throughput meter (MFU included where the device's peak
+is known) and the checkpoint marker.
 
 Everything else (optimisation, accumulation, FSDP/DeepSpeed, checkpoints, logging) is the stock Trainer.
 """
@@ -11,6 +12,7 @@ from transformers import Trainer
 
 from chatsft.collate import PackedCollator, PackedDataset, PadCollator
 from chatsft.training.checkpoint import CheckpointMarker
+from chatsft.training.flops import mfu_notice, model_flops, peak_flops
 from chatsft.training.loss import causal_lm_loss, check_packing
 from chatsft.training.metrics import CountingCollator, ThroughputCallback, TokenMeter
 
@@ -21,14 +23,16 @@ class ChatTrainer(Trainer):
     def __init__(self, *args, meter=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.meter = meter
-        # Our loss takes num_items_in_batch itself, so the Trainer must always count trained tokens across the
-        # accumulated micro-batches (exact gradient accumulation, also for models whose forward lacks **kwargs).
+        # Our loss takes num_items_in_batch itself, so the Trainer must always count trained tokens across
+        # the accumulated micro-batches (exact gradient accumulation, also for models whose forward lacks
+        # **kwargs).
         self.model_accepts_loss_kwargs = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.meter is not None and model.training:
             self.meter.take(inputs)
-        loss, aux = causal_lm_loss(model, inputs, num_items_in_batch)
+        head = getattr(self.args, "loss_head", "plain")  # plain transformers.TrainingArguments have none
+        loss, aux = causal_lm_loss(model, inputs, num_items_in_batch, head=head)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
             loss = (
                 loss * self.accelerator.num_processes
@@ -53,7 +57,13 @@ def build_trainer(
         notices.append(self_test_packing(model, split.train))
     else:
         collator = PadCollator(tokenizer.pad_token_id, pad_to_multiple_of=data_args.pad_to_multiple_of)
-    meter = TokenMeter()
+    # MFU counts full fine-tuning FLOPs: with adapters (frozen weights need no weight gradients) none is
+    # logged
+    full = all(p.requires_grad for p in model.parameters())
+    flops = model_flops(model.config) if full else None
+    peak = peak_flops(args.device)
+    notices.append(mfu_notice(flops, peak))
+    meter = TokenMeter(flops=flops, peak=peak)
     trainer = ChatTrainer(
         model=model,
         args=args,
@@ -69,7 +79,8 @@ def build_trainer(
 
 
 def self_test_packing(model, dataset) -> str:
-    """Packed examples must not see each other: compare a few packed against single forwards before training."""
+    """Packed examples must not see each other: compare a few packed against single forwards before
+    training."""
     sample = [dataset[i] for i in range(min(4, len(dataset)))]
     tol = 1e-4 if next(model.parameters()).dtype.itemsize >= 4 else 1e-2
     diff = check_packing(model, sample, tol=tol)
