@@ -153,11 +153,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(flags: list[str], *, driver: list[str] | None = None, nproc: int = 1) -> list[str]:
-    """`python -m chatsft.train FLAGS`, through the driver when `driver` options are given, under torchrun when
-    `nproc` > 1."""
+def command(
+    flags: list[str], *, driver: list[str] | None = None, nproc: int = 1, launcher: bool = False
+) -> list[str]:
+    """`python -m chatsft.train FLAGS`, through the driver when `driver` options are given, under torchrun
+    when `nproc` > 1 or `launcher` (FSDP and DeepSpeed need one, also for a single process)."""
     target = [str(DRIVER), *driver, "--", *flags] if driver is not None else ["-m", "chatsft.train", *flags]
-    if nproc == 1:
+    if nproc == 1 and not launcher:
         return [sys.executable, *target]
     return [
         sys.executable,

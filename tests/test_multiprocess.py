@@ -286,7 +286,7 @@ def test_fsdp_full_shard_on_gpu(setup, tmp_path):
         cpu=False,
         extra=gpu + fsdp,
     )
-    rc, output = run(command(argv, nproc=nproc), tmp_path / "fsdp.log")
+    rc, output = run(command(argv, nproc=nproc, launcher=True), tmp_path / "fsdp.log")
     assert rc == 0, output[-3000:]
     assert "FSDP: each LlamaDecoderLayer is one shard unit" in output
     assert output.count("saved the final model") == 1
@@ -303,7 +303,7 @@ def test_fsdp_full_shard_on_gpu(setup, tmp_path):
 
     # resume from the sharded checkpoint-3 (checkpoint-6 voided): the same final weights
     (checkpoints(out)[6] / "chatsft-complete.json").unlink()
-    rc, output = run(command(argv, nproc=nproc), tmp_path / "fsdp-resume.log")
+    rc, output = run(command(argv, nproc=nproc, launcher=True), tmp_path / "fsdp-resume.log")
     assert rc == 0, output[-3000:]
     assert f"resuming from {checkpoints(out)[3]}" in output
     resumed = weights(out)
