@@ -185,10 +185,11 @@ def test_disk_check_skipped_when_it_cannot_apply(monkeypatch, tmp_path, write_fi
 
 def test_data_files(tmp_path, write_file):
     good = write_file("good.jsonl", '{"messages": []}\n')
-    check_data_files([good])
+    check_data_files([good, tmp_path])  # a folder of shards
+    (tmp_path / "empty_folder").mkdir()
     cases = [
         (tmp_path / "missing.json", "no such file"),
-        (tmp_path, "is a folder; give the .json, .jsonl or .parquet files in it"),
+        (tmp_path / "empty_folder", "the folder holds no .json, .jsonl, .parquet files"),
         (write_file("data.csv", "a,b\n"), "expected .json, .jsonl or .parquet, got '.csv'"),
         (write_file("empty.json", b""), "the file is empty"),
     ]

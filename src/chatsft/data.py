@@ -1,46 +1,52 @@
-"""Conversations -> the train and eval datasets the Trainer reads: eager (parallel, cached) or lazy.
+"""Sources -> the train and eval datasets the Trainer reads: eager (streamed into a cached Arrow file) or
+lazy.
 
-Eager: accepted conversations are encoded in worker processes, chunk by chunk, and streamed to an Arrow file that
-is memory-mapped back (`datasets.Dataset.from_file`), so resident memory does not grow with the data. The file is
-a cache keyed by everything that changes the result (data file contents, tokenizer, template, loss mode,
-`model_max_length`, split, encoder version): a second launch with the same inputs maps it in milliseconds
-(`Split.cache_hit` says which happened); the data files are still read and validated, as the split and the rejects
-file need them (about 0.1 s per 5,000 ShareGPT records; see benchmarks/README.md). We stream Arrow batches
-ourselves rather than use `datasets.map` because the audit must see every record's outcome (rejections and drops
-produce no rows), and because `map` would keep the conversations in a second table.
+Eager: records are read, validated, sampled (`chatsft.mixture`), assigned to train or eval and handed in
+chunks to worker processes as they are read (`parallel.run_streaming`); each chunk's examples go to an Arrow
+file that the parent appends to the entry's `train.arrow`/`eval.arrow`, memory-mapped back
+(`datasets.Dataset.from_file`). Nothing holds every record: the peak memory of preparing does not grow with
+the data (the id set for duplicate ids excepted, see `records.SeenIds`). The entry is a cache
+(`chatsft.cache`: key, manifest, verification, the lock that makes one process per cache folder encode): a
+second launch with the same inputs reads no data at all, it maps the verified files and takes the audits,
+notices and rejected records from the entry. We stream Arrow batches ourselves rather than use `datasets.map`
+because the audit must see every record's outcome (rejections and drops produce no rows), and `map` would
+need the records in a table first.
 
-Lazy: examples are encoded on access inside DataLoader workers; nothing is cached per process. An example that
-cannot be used (rejected, or nothing left to train after truncation) is known only when it is reached: it is
-replaced by the next usable one and reported on the log with its id.
+The train/eval split (`--train_ratio`) is by conversation, from a hash of (seed, source file name, id): the
+same conversation always lands on the same side whatever else the files hold, and no list of records is
+needed. The eval share is then binomial around 1 - ratio, not an exact count.
+
+Lazy (FastChat's --lazy_preprocess): examples are encoded on access inside DataLoader workers from the
+conversations held in memory. Its audit comes from the same streamed pass, encoding without writing examples
+(cached like an eager entry): the audit's checks (a trained reply that does not end in a stop token, records
+rejected by the template, truncation) must be known before training starts, not after it; the price is one
+encoding pass up front, spread over the workers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
-import glob
-import hashlib
 import json
 import logging
-import os
-import random
-import socket
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chatsft import __version__
+from chatsft import cache
 from chatsft.audit import Audit
 from chatsft.encode import Encoded, Encoder
 from chatsft.errors import ConfigError, DataError
-from chatsft.parallel import run_in_order
-from chatsft.records import Conversation, ReadPolicy, read_conversations
+from chatsft.mixture import DataSource, uniform
+from chatsft.parallel import run_streaming
+from chatsft.records import Conversation, ReadPolicy, ReadReport, check_invalid_ratio, iter_conversations
+from chatsft.sources import FileError, fingerprint_of, shards
 from chatsft.templates import RenderError
 
 logger = logging.getLogger(__name__)
 
-ENCODER_VERSION = "1"  # bump when encoding changes its output for the same inputs
 CHUNK = 256  # conversations per worker task: large enough to amortise pickling, small enough to stream
+SIDES = ("train", "eval")
 
 
 @dataclass
@@ -53,8 +59,9 @@ class Split:
     eval_audit: Audit | None
     notices: list[str]
     sample: Conversation | None = None  # one training conversation, to check the saved chat template against
-    cache_hit: bool | None = None  # eager: True when every encoded set was loaded from the cache; lazy: None
-    cache_paths: list[Path] = field(default_factory=list)  # eager: the cache folder of each encoded set
+    cache_hit: bool | None = None  # True when the cache entry was loaded, False when it was written now
+    cache_paths: list[Path] = field(default_factory=list)  # eager: the cache entry's folder
+    sources: dict[str, dict] = field(default_factory=dict)  # side -> source name -> counts
 
     def audits(self) -> dict[str, Audit]:
         return {
@@ -65,179 +72,319 @@ class Split:
         return [f"{name} audit:\n{audit.format()}" for name, audit in self.audits().items()]
 
     def audit_json(self) -> str:
-        return (
-            json.dumps({k: a.to_dict() for k, a in self.audits().items()}, indent=2, ensure_ascii=False)
-            + "\n"
-        )
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("CHATSFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "chatsft"
-    )
-    return Path(root).expanduser()
+        body = {k: {**a.to_dict(), "sources": self.sources.get(k, {})} for k, a in self.audits().items()}
+        return json.dumps(body, indent=2, ensure_ascii=False) + "\n"
 
 
 def build_datasets(
     encoder: Encoder,
-    data_path: list[str],
+    data_path: list[str] | None = None,
     *,
+    sources: list[DataSource] | None = None,
     eval_data_path: list[str] | None = None,
     train_ratio: float = 1.0,
     seed: int = 42,
     lazy: bool = False,
     num_workers: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir=None,
     policy: ReadPolicy | None = None,
-    main_process_first=None,
     progress: bool = False,
 ) -> Split:
-    """Read, validate, split and encode. `main_process_first` is `training_args.main_process_first` under torchrun:
-    the main process encodes and writes the cache, the others then read it."""
+    """Read, validate, sample, split and encode `sources` (or one source per `data_path` entry). Under
+    torchrun every process calls it: the first to lock the cache entry encodes, the others wait and map it."""
     if not 0.0 < train_ratio <= 1.0:
         raise ConfigError(f"--train_ratio must be in (0, 1], got {train_ratio}")
     if eval_data_path and train_ratio < 1.0:
         raise ConfigError("give either --eval_data_path or --train_ratio below 1, not both")
+    sources = sources or [DataSource(p) for p in data_path or []]
+    plan = _Plan(encoder, sources, [DataSource(p) for p in eval_data_path or []], train_ratio, seed)
     policy = policy or ReadPolicy()
-    conversations, report = read_conversations(data_path, policy)
-    notices = [
-        f"read {report.records_read} records from {len(data_path)} file(s): {report.accepted} accepted, "
-        f"{report.rejected_total} rejected"
-        + (f" (written to {policy.rejects_path})" if report.rejected_total and policy.rejects_path else "")
-    ]
-    eval_conversations: list[Conversation] = []
-    if eval_data_path:
-        eval_conversations, eval_report = read_conversations(eval_data_path, policy.for_eval())
-        notices.append(f"eval: {eval_report.accepted} of {eval_report.records_read} records accepted")
-    elif train_ratio < 1.0:
-        conversations, eval_conversations = split_conversations(conversations, train_ratio, seed)
-        notices.append(
-            f"split {len(conversations) + len(eval_conversations)} conversations (seed {seed}): "
-            f"{len(conversations)} train, {len(eval_conversations)} eval"
-        )
-    if not conversations:
-        raise ConfigError("no training conversation is left after validation")
-
+    root = Path(cache_dir) if cache_dir else cache.default_cache_dir()
+    key = plan.key(root)
+    entry, notices = root / (f"{key}-audit" if lazy else key), []
+    with cache.locked(entry, wait_notice="preprocessing"):
+        manifest, bad = cache.verify(root / key) if lazy else (None, None)
+        if manifest is None:
+            manifest, bad = cache.verify(entry)
+        datasets_, hit = (_load(entry, manifest, lazy) if manifest else (None, False)), manifest is not None
+        if isinstance(datasets_, str):  # the files match their checksums but not their row counts
+            bad, manifest, hit = datasets_, None, False
+        if bad:
+            notices.append(f"the cache entry {entry} is damaged ({bad}): encoding it again")
+            logger.warning(notices[-1])
+        if manifest is None:
+            manifest = _encode_entry(plan, entry, policy, num_workers, progress, write=not lazy)
+            datasets_ = None if lazy else _load(entry, manifest, lazy)
+    for side, name in (("train", "rejected.jsonl"), ("eval", "rejected-eval.jsonl")):
+        target = policy.rejects_path if side == "train" else policy.for_eval().rejects_path
+        if target and (entry / name).is_file():
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(entry / name, target)
+    for side in SIDES:
+        if side in manifest["reports"]:
+            _check_policy(manifest["reports"][side], policy)
+    audits = {side: Audit.from_dict(a) for side, a in manifest["audits"].items()}
+    notices = [*manifest["notices"], *notices]
+    if policy.rejects_path and manifest["reports"]["train"]["rejected"]:
+        notices[0] += f" (written to {policy.rejects_path})"
     if lazy:
-        return Split(
-            LazyDataset(conversations, encoder),
-            LazyDataset(eval_conversations, encoder) if eval_conversations else None,
-            None,
-            None,
-            notices,
-            conversations[0],
-        )
-
-    files = [*data_path, *(eval_data_path or [])]
-    base_key = cache_key(encoder, files, train_ratio, seed)
-    cache_root = Path(cache_dir) if cache_dir else default_cache_dir()
-    train_dir, eval_dir = cache_root / f"{base_key}-train", cache_root / f"{base_key}-eval"
-    guard = main_process_first(desc="encoding") if main_process_first else contextlib.nullcontext()
-    with guard:
-        train, train_audit, hit = encode_cached(
-            conversations, encoder, train_dir, num_workers, progress and "train"
-        )
-        notices.append(
-            f"training examples {'loaded from cache' if hit else 'encoded and cached'}: {len(train)} "
-            f"({train_dir})"
-        )
-        evaluation, eval_audit, paths = None, None, [train_dir]
-        if eval_conversations:
-            evaluation, eval_audit, eval_hit = encode_cached(
-                eval_conversations, encoder, eval_dir, num_workers, progress and "eval"
-            )
-            notices.append(
-                f"eval examples {'loaded from cache' if eval_hit else 'encoded and cached'}: "
-                f"{len(evaluation)} ({eval_dir})"
-            )
-            hit, paths = hit and eval_hit, [train_dir, eval_dir]
+        train, evaluation = plan.lazy_datasets()
+        return Split(train, evaluation, audits["train"], audits.get("eval"), notices,
+                     _sample(manifest), hit, [], manifest["sources"])  # fmt: skip
+    train, evaluation = datasets_
+    verb = "loaded from cache" if hit else "encoded and cached"
+    notices.append(f"training examples {verb}: {len(train)} ({entry})")
+    if evaluation is not None:
+        notices.append(f"eval examples {verb}: {len(evaluation)} ({entry})")
     if len(train) == 0:
         raise ConfigError("no training example is left after encoding: see the audit")
-    # only one conversation outlives this call (the datasets are memory-mapped files)
-    return Split(train, evaluation, train_audit, eval_audit, notices, conversations[0], hit, paths)
+    return Split(train, evaluation, audits["train"], audits.get("eval"), notices, _sample(manifest), hit,
+                 [entry], manifest["sources"])  # fmt: skip
 
 
-def split_conversations(conversations: list[Conversation], train_ratio: float, seed: int):
-    """Seeded split by conversation (so one conversation's split examples never land on both sides), input order kept."""
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    n_train = max(1, round(len(order) * train_ratio))
-    chosen = set(order[:n_train])
-    train = [c for i, c in enumerate(conversations) if i in chosen]
-    evaluation = [c for i, c in enumerate(conversations) if i not in chosen]
-    return train, evaluation
+class _Plan:
+    """What to read and how: the sources, their encoders, the split; and the stream of (side, source number,
+    conversation, copies) it makes."""
 
+    def __init__(self, encoder, sources, eval_sources, train_ratio, seed):
+        if not sources:
+            raise ConfigError("no training data: give --data_path or --datasets")
+        self.encoder, self.sources, self.eval_sources = encoder, [*sources, *eval_sources], eval_sources
+        self.n_train, self.train_ratio, self.seed = len(sources), train_ratio, seed
+        self.encoders = [s.encoder(encoder) for s in self.sources]
+        self.owner: list[dict[str, int]] = [{}, {}]  # per side: shard file -> source number
+        for n, src in enumerate(self.sources):
+            try:
+                files = shards(src.path)
+            except FileError as e:
+                raise DataError(f"{src.path}: {e.reason}: {e.detail}") from None
+            for f in files:
+                if f in self.owner[0] or f in self.owner[1]:
+                    raise ConfigError(f"{f} is given twice; give it once (with a weight to use it more)")
+                self.owner[n >= self.n_train][f] = n
 
-def cache_key(encoder: Encoder, files: list[str], train_ratio: float, seed: int) -> str:
-    """A hash of everything that changes the encoded examples."""
-    h = hashlib.sha256()
-    for part in (
-        ENCODER_VERSION,
-        __version__,
-        encoder.loss_mode,
-        str(encoder.max_length),
-        repr(encoder.template),
-        tokenizer_fingerprint(encoder.tokenizer),
-        f"{train_ratio}:{seed}",
-    ):
-        h.update(part.encode("utf-8") + b"\0")
-    for path in files:
-        h.update(file_digest(path).encode() + b"\0")
-    return h.hexdigest()[:20]
+    def key(self, root: Path) -> str:
+        parts = [cache.tokenizer_fingerprint(self.encoder.tokenizer), f"{self.train_ratio}:{self.seed}"]
+        for n, (src, enc) in enumerate(zip(self.sources, self.encoders, strict=True)):
+            parts += [f"{'eval' if n >= self.n_train else 'train'} {src.key()}", enc.loss_mode]
+            parts += [str(enc.max_length), repr(enc.template)]
+            for f in self.owner[n >= self.n_train]:
+                if self.owner[n >= self.n_train][f] == n:
+                    parts.append(fingerprint_of(f) or cache.file_fingerprint(f, root))
+        return cache.cache_key(parts)
 
+    def stream(self, reports, policy, counts, keep=None):
+        """Yield (side, source number, conversation, copies) for every accepted conversation."""
+        for is_eval, report in ((False, reports["train"]), (True, reports.get("eval"))):
+            if report is None:
+                continue
+            owner = self.owner[is_eval]
+            mappings = {f: self.sources[n].prepare() for f, n in owner.items()}
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    h = hashlib.sha256(tokenizer.backend_tokenizer.__getstate__())  # its JSON, as bytes (to_str() is slower)
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
-    return h.hexdigest()
+            def prepare(source, raw, mappings=mappings):
+                mapping = mappings.get(source)
+                return mapping(source, raw) if mapping else raw
 
+            side_policy = policy.for_eval() if is_eval else policy
+            for conv in iter_conversations(
+                list(owner), side_policy, report, prepare=prepare, check_ratio=False
+            ):
+                n = owner[conv.source]
+                src, c = self.sources[n], counts[n]
+                c["accepted"] += 1
+                if src.max_samples is not None and c["accepted"] > src.max_samples:
+                    continue
+                conv = src.with_system(conv)
+                side = "eval" if is_eval or (self.train_ratio < 1 and self._held_out(conv)) else "train"
+                copies = 1 if side == "eval" else src.copies(conv, self.seed)
+                c[f"{side}_conversations"] += copies
+                if copies:
+                    if keep is not None:
+                        keep[side].extend([(conv, n)] * copies)
+                    yield side, n, conv, copies
 
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    def _held_out(self, conv: Conversation) -> bool:
+        return uniform(self.seed, "split", Path(conv.source).name, conv.id) >= self.train_ratio
 
-
-def encode_cached(
-    conversations: list[Conversation],
-    encoder: Encoder,
-    folder: Path,
-    num_workers: int | None,
-    progress: str | None = None,
-):
-    """Load the encoded dataset from `folder`, or encode it there (with a progress bar named `progress`, if
-    given). Returns (dataset, audit, cache_hit)."""
-    import datasets
-
-    arrow, audit_file = folder / "examples.arrow", folder / "audit.json"
-    if arrow.is_file() and audit_file.is_file():
-        return (
-            datasets.Dataset.from_file(str(arrow)),
-            Audit.from_dict(json.loads(audit_file.read_text())),
-            True,
+    def lazy_datasets(self):
+        keep = {"train": [], "eval": []}
+        reports = {
+            "train": ReadReport(keep=False),
+            "eval": ReadReport(keep=False) if self.eval_sources else None,
+        }
+        counts = [_counts() for _ in self.sources]
+        for _ in self.stream(reports, ReadPolicy(max_invalid_ratio=1.0), counts, keep):
+            pass
+        train = LazyDataset(
+            [c for c, _ in keep["train"]], self.encoder, [self.encoders[n] for _, n in keep["train"]]
         )
-    _remove_stale_tmp(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+        ev = keep["eval"]
+        evaluation = (
+            LazyDataset([c for c, _ in ev], self.encoder, [self.encoders[n] for _, n in ev]) if ev else None
+        )
+        return train, evaluation
+
+
+def _counts() -> dict:
+    return {"accepted": 0, "train_conversations": 0, "eval_conversations": 0}
+
+
+def _encode_entry(plan: _Plan, entry: Path, policy: ReadPolicy, num_workers, progress, write: bool) -> dict:
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    tmp = cache.tmp_folder(entry)
+    reports = {"train": ReadReport(keep=False), "eval": ReadReport(keep=False) if plan.eval_sources else None}
+    rejects = policy.__class__(policy.max_invalid_ratio, policy.strict, str(tmp / "rejected.jsonl"))
+    counts = [_counts() for _ in plan.sources]
+    audits = {side: Audit(stop_ids=plan.encoder.stop_ids) for side in SIDES}
+    per_source = {side: {} for side in SIDES}
+    writers, rows, sample = {}, dict.fromkeys(SIDES, 0), []
+    task = functools.partial(_encode_chunk, plan.encoders, plan.encoder.stop_ids, tmp, write)
+    bar = tqdm(desc="encoding", unit=" conversations", disable=not progress)
     try:
-        audit = write_examples(conversations, encoder, tmp / "examples.arrow", num_workers, progress)
+        with bar:
+            for chunk_files, chunk_audits in run_streaming(
+                task,
+                _chunks(plan.stream(reports, rejects, counts), sample),
+                helpers=(num_workers or usable_cpus()) - 1,
+            ):
+                for side, (_, audit, by_source) in chunk_audits.items():
+                    audits[side].merge(audit)
+                    for n, a in by_source.items():
+                        per_source[side].setdefault(n, Audit(stop_ids=audit.stop_ids)).merge(a)
+                    bar.update(audit.records)
+                for side, chunk_file in chunk_files.items():
+                    if side not in writers:
+                        sink = pa.OSFile(str(tmp / f"{side}.arrow"), "wb")
+                        writers[side] = (sink, pa.ipc.new_stream(sink, _schema()))
+                    with pa.memory_map(chunk_file) as source:
+                        for batch in pa.ipc.open_stream(source):
+                            writers[side][1].write_batch(batch)
+                            rows[side] += batch.num_rows
+                    Path(chunk_file).unlink()
+        for sink, writer in writers.values():
+            writer.close()
+            sink.close()
+        if write and "train" not in writers:  # no training row at all: an empty file keeps the entry whole
+            with pa.OSFile(str(tmp / "train.arrow"), "wb") as sink, pa.ipc.new_stream(sink, _schema()):
+                pass
+            writers["train"] = None
+        manifest = _manifest(plan, reports, counts, audits, per_source, sample, tmp, writers, rows)
+        cache.publish(tmp, entry, manifest)
     except BaseException as err:
-        _rmtree(tmp)  # an error or Ctrl-C mid-encoding: no half-written folder left behind
+        for sink, _ in (w for w in writers.values() if w):
+            sink.close()
+        cache.rmtree(tmp)  # an error or Ctrl-C mid-encoding: no half-written folder left behind
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             raise DataError(
-                f"no space left on the device of the preprocessing cache ({folder.parent}): free some, "
+                f"no space left on the device of the preprocessing cache ({entry.parent}): free some, "
                 "or point --cache_dir at a larger disk"
             ) from None
         raise
-    (tmp / "audit.json").write_text(json.dumps(audit.to_dict()))
-    try:
-        os.replace(tmp, folder)  # atomic: a crash mid-encoding leaves only a tmp folder, never a half cache
-    except OSError:  # another process won the race: use its cache
-        _rmtree(tmp)
-    return datasets.Dataset.from_file(str(arrow)), audit, False
+    return manifest
+
+
+def _manifest(plan, reports, counts, audits, per_source, sample, tmp, writers, rows) -> dict:
+    train_report = reports["train"]
+    notices = [
+        f"read {train_report.records_read} records from {len(train_report.files)} file(s): "
+        f"{train_report.accepted} accepted, {train_report.rejected_total} rejected"
+    ]
+    if reports["eval"] is not None:
+        notices.append(f"eval: {reports['eval'].accepted} of {reports['eval'].records_read} records accepted")
+    elif plan.train_ratio < 1.0:
+        n_train, n_eval = (sum(c[f"{s}_conversations"] for c in counts) for s in SIDES)
+        notices.append(
+            f"split {n_train + n_eval} conversations (seed {plan.seed}): {n_train} train, {n_eval} eval"
+        )
+    sources = {side: {} for side in SIDES}
+    for n, src in enumerate(plan.sources):
+        for side in SIDES:
+            if side == "eval" and n < plan.n_train and plan.train_ratio == 1.0:
+                continue
+            if side == "train" and n >= plan.n_train:
+                continue
+            a = per_source[side].get(n, Audit())
+            sources[side][src.name] = {
+                "accepted": counts[n]["accepted"],
+                "weight": src.weight,
+                "max_samples": src.max_samples,
+                "conversations": counts[n][f"{side}_conversations"],
+                "examples": a.examples,
+                "tokens": a.tokens,
+                "trained_tokens": a.trained_tokens,
+            }
+    if len(plan.sources) > 1 or any(s.weight is not None or s.max_samples is not None for s in plan.sources):
+        for name, c in sources["train"].items():
+            notices.append(
+                f"source {name}: {c['accepted']} accepted, {c['conversations']} conversations used, "
+                f"{c['examples']} examples, {c['trained_tokens']} trained tokens"
+            )
+    sets = {side: cache.describe(tmp / f"{side}.arrow", rows[side]) for side in writers}
+    return {
+        "sets": sets,
+        "audits": {s: audits[s].to_dict() for s in SIDES if s == "train" or _has_eval(plan)},
+        "reports": {s: _report_counts(r) for s, r in reports.items() if r is not None},
+        "notices": notices,
+        "sources": {s: v for s, v in sources.items() if v},
+        "sample": asdict(sample[0]) if sample else None,
+    }
+
+
+def _has_eval(plan) -> bool:
+    return bool(plan.eval_sources) or plan.train_ratio < 1.0
+
+
+def _report_counts(report: ReadReport) -> dict:
+    return {
+        "read": report.records_read,
+        "rejected": report.rejected_total,
+        "first_problem": str(report.first_problem) if report.first_problem else None,
+    }
+
+
+def _check_policy(counts: dict, policy: ReadPolicy) -> None:
+    """The read policy, applied to the counts of an entry (the policy is not part of the cache key)."""
+    if policy.strict and counts["rejected"]:
+        raise DataError(f"{counts['first_problem']} (--strict stops at the first rejected record)")
+    report = ReadReport(records_read=counts["read"])
+    report.rejected["any"] = counts["rejected"]
+    report.first_problem = counts["first_problem"]
+    check_invalid_ratio(report, policy)
+
+
+def _sample(manifest: dict) -> Conversation | None:
+    return Conversation(**manifest["sample"]) if manifest.get("sample") else None
+
+
+def _chunks(stream, sample: list):
+    """(number, up to CHUNK items) from the stream; the first training conversation goes into `sample`."""
+    chunk, k = [], 0
+    for item in stream:
+        if not sample and item[0] == "train":
+            sample.append(item[2])
+        chunk.append(item)
+        if len(chunk) >= CHUNK:
+            yield k, chunk
+            chunk, k = [], k + 1
+    if chunk:
+        yield k, chunk
+
+
+def _load(entry: Path, manifest: dict, lazy: bool):
+    """The mapped (train, eval) datasets of a verified entry, or a problem string."""
+    if lazy:
+        return None
+    import datasets
+
+    loaded = {}
+    for side, info in manifest["sets"].items():
+        loaded[side] = datasets.Dataset.from_file(str(entry / info["file"]))
+        problem = cache.rows_match(loaded[side], info)
+        if problem:
+            return problem
+    return loaded["train"], loaded.get("eval")
 
 
 def _schema():
@@ -253,83 +400,61 @@ def _schema():
     )
 
 
-def write_examples(
-    conversations: list[Conversation],
-    encoder: Encoder,
-    path: Path,
-    num_workers: int | None,
-    progress: str | None = None,
-) -> Audit:
-    """Encode chunk by chunk with `num_workers` processes (this one and helpers, see `parallel.py`) and stream
-    the examples, in input order, to an Arrow stream file. Each chunk is written to a file of its own by whoever
-    encoded it (the helpers inherit the conversations under `fork`): nothing large goes through a pipe either way."""
-    import pyarrow as pa
-    from tqdm import tqdm
-
-    ranges = [(i, min(i + CHUNK, len(conversations))) for i in range(0, len(conversations), CHUNK)]
-    workers = num_workers or usable_cpus()
-    stop_ids = encoder.stop_ids
-    audit = Audit(stop_ids=stop_ids)
-    task = functools.partial(_encode_chunk, encoder, stop_ids, conversations, ranges, path)
-    bar = tqdm(
-        total=len(conversations), desc=f"encoding {progress}", unit=" conversations", disable=not progress
-    )
-    with bar, pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
-        for chunk_file, partial in run_in_order(task, len(ranges), helpers=workers - 1):
-            with pa.memory_map(chunk_file) as source:
-                for batch in pa.ipc.open_stream(source):
-                    writer.write_batch(batch)
-            os.unlink(chunk_file)
-            audit.merge(partial)
-            bar.update(partial.records)
-    return audit
-
-
 def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask where the OS has one (SLURM, taskset and container
-    cpusets narrow it; `os.cpu_count()` would count the whole machine and oversubscribe it), else the CPU count."""
+    """The CPUs this process may run on: its affinity mask where the OS has one (SLURM, taskset and
+    container cpusets narrow it; `os.cpu_count()` would count the whole machine and oversubscribe it), else
+    the CPU count."""
+    import os
+
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
 
 
-def _encode_chunk(
-    encoder: Encoder,
-    stop_ids: tuple[int, ...],
-    conversations: list[Conversation],
-    ranges: list[tuple[int, int]],
-    path: Path,
-    k: int,
-) -> tuple[str, Audit]:
-    """Encode chunk `k` into an Arrow file beside `path`; returns (that file, the chunk's audit)."""
+def _encode_chunk(encoders: list[Encoder], stop_ids: tuple[int, ...], folder: Path, write: bool, job):
+    """Encode one chunk of (side, source, conversation, copies) into an Arrow file per side in `folder`;
+    returns ({side: file}, {side: (file, audit, {source: audit})})."""
     import pyarrow as pa
 
-    audit = Audit(stop_ids=stop_ids)
-    ids, input_ids, labels = [], [], []
-    for conv in conversations[ranges[k][0] : ranges[k][1]]:
-        result = encoder.encode(conv)
-        audit.add(result)
-        for ex in result.examples:
-            ids.append(ex.id)
-            input_ids.append(ex.input_ids)
-            labels.append(ex.labels)
-    batch = pa.record_batch([ids, input_ids, labels, list(map(len, input_ids))], schema=_schema())
-    chunk_file = str(path.with_name(f"{path.name}.chunk{k}"))
-    with pa.OSFile(chunk_file, "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    return chunk_file, audit
+    k, items = job
+    columns = {side: ([], [], []) for side in SIDES}
+    audits = {side: Audit(stop_ids=stop_ids) for side in SIDES}
+    by_source = {side: {} for side in SIDES}
+    for side, n, conv, copies in items:
+        result = encoders[n].encode(conv)
+        mine = by_source[side].setdefault(n, Audit(stop_ids=stop_ids))
+        for _ in range(copies):
+            audits[side].add(result)
+            mine.add(result)
+            if write:
+                for ex in result.examples:
+                    columns[side][0].append(ex.id)
+                    columns[side][1].append(ex.input_ids)
+                    columns[side][2].append(ex.labels)
+    files = {}
+    for side, (ids, input_ids, labels) in columns.items():
+        if not ids:
+            continue
+        batch = pa.record_batch([ids, input_ids, labels, list(map(len, input_ids))], schema=_schema())
+        files[side] = str(folder / f"chunk{k}-{side}.arrow")
+        with pa.OSFile(files[side], "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_batch(batch)
+    return files, {s: (files.get(s), audits[s], by_source[s]) for s in SIDES if audits[s].records}
 
 
 class LazyDataset:
     """Encodes on access (FastChat's --lazy_preprocess), holding only the conversations. Map-style, so the
     Trainer's samplers, resume and DataLoader workers work unchanged; no per-process cache grows."""
 
-    def __init__(self, conversations: list[Conversation], encoder: Encoder):
+    def __init__(
+        self, conversations: list[Conversation], encoder: Encoder, encoders: list[Encoder] | None = None
+    ):
         self.conversations, self.encoder = conversations, encoder
+        self.encoders = encoders or [encoder] * len(conversations)
         self.index: list[tuple[int, str]] = []  # (conversation, example id) without tokenizing anything
         for c, conv in enumerate(conversations):
             try:
-                views = encoder.views(conv)
+                views = self.encoders[c].views(conv)
             except RenderError as err:  # the records layer rejects these first; say so if one slips through
                 logger.warning("lazy preprocessing skips record %s: %s: %s", conv.id, err.reason, err.detail)
                 continue
@@ -342,7 +467,7 @@ class LazyDataset:
     def __getitem__(self, i: int) -> dict:
         for step in range(len(self.index)):
             c, example_id = self.index[(i + step) % len(self.index)]
-            result: Encoded = self.encoder.encode(self.conversations[c])
+            result: Encoded = self.encoders[c].encode(self.conversations[c])
             for ex in result.examples:
                 if ex.id == example_id:
                     return {"id": ex.id, "input_ids": ex.input_ids, "labels": ex.labels}
@@ -353,30 +478,3 @@ class LazyDataset:
             )
             logger.warning("lazy preprocessing skips example %s (%s); using the next one", example_id, why)
         raise ConfigError("lazy preprocessing found no usable example")
-
-
-def _remove_stale_tmp(folder: Path) -> None:
-    """Remove the half-written folders of this cache entry left by processes of this host that were killed
-    mid-encoding (SIGKILL, the out-of-memory killer). Another host's, or a live process's, are left alone."""
-    for tmp in folder.parent.glob(f"{glob.escape(folder.name)}.tmp-{glob.escape(socket.gethostname())}-*"):
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            _rmtree(tmp)
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: assume alive, remove nothing
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

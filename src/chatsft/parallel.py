@@ -4,9 +4,10 @@ Eager preprocessing uses it to encode chunks of conversations on every core. Why
 its parent only collects results, so with one worker per core the parent's own work competes with them for the
 cores (on 2 cores, encoding a share in the parent took 5,000 conversations from 0.45 to 0.36 s); it hands out
 tasks up front in equal shares, so a slower core (a busy one, a hyperthread) makes the others wait at the end;
-and a worker killed by the kernel (out of memory) leaves `imap` waiting forever. Here the parent and the helpers
-take the next task number from a shared counter whenever they are free, the parent only when the next result it
-must yield is not ready, and a helper that dies is reported.
+and a worker killed by the kernel (out of memory) leaves `imap` waiting forever. Here the parent and the
+helpers take the next task number from a shared counter whenever they are free, the parent only when the next
+result it must yield is not ready, and a helper that dies is reported. `run_streaming` does the same for a
+stream of items that must not be held at once (records read from a file): they go to idle helpers by pipe.
 
 Under `fork` the helpers inherit the task (a callable with its data) without pickling; under `spawn` it is
 pickled once per helper. Results should be small (a file name, counts): a helper's result goes through a pipe,
@@ -15,13 +16,14 @@ and a result larger than the pipe's buffer would hold the helper until the paren
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
 import pickle
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import wait
 from typing import TypeVar
 
@@ -109,9 +111,9 @@ def _take(counter, n: int) -> int | None:
 
 def _helper(task: Callable[[int], object], counter, n: int, conn, parents_end, parent: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already: no thread pool inside
-    parents_end.close()  # inherited with fork: held open here, it would let a dead parent's pipe fill and block us
+    parents_end.close()  # inherited with fork: held open here, a dead parent's pipe could fill and block us
     try:
-        # a parent killed outright (SIGKILL, SIGTERM's default action) leaves us orphaned: stop at the next task
+        # a parent killed outright (SIGKILL, SIGTERM's default action) leaves us orphaned: stop at next task
         while os.getppid() == parent and (k := _take(counter, n)) is not None:
             try:
                 message = ("ok", k, task(k))
@@ -137,6 +139,127 @@ def _picklable(error: BaseException) -> BaseException | None:
 
 def _died(exitcode: int) -> ChatsftError:
     return ChatsftError(
-        f"a preprocessing process died (exit code {exitcode}; -9 is usually the kernel stopping it for lack of "
-        "memory): retry with fewer --preprocessing_num_workers, or use --lazy_preprocess"
+        f"a preprocessing process died (exit code {exitcode}; -9 is usually the kernel stopping it for lack "
+        "of memory): retry with fewer --preprocessing_num_workers, or use --lazy_preprocess"
     )
+
+
+def run_streaming(task: Callable[[object], T], items: Iterable, helpers: int, ahead: int = 2) -> Iterator[T]:
+    """Yield task(item) for each item of `items` in order, computed by this process and `helpers` child
+    processes, taking items from `items` only as they can be worked on: at most `ahead` items per process are
+    taken but not yet yielded, so memory does not grow with the length of `items` (a stream of conversations
+    read from a file). Each item goes to an idle helper through a pipe (pickled: keep items to a few MB); when
+    none is idle and the next result is not ready, this process takes the next item itself. Producing `items`
+    (reading and validating) is work of this process too, done between dispatches."""
+    items = iter(items)
+    if helpers <= 0:
+        for item in items:
+            yield task(item)
+        return
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if fork else "spawn")
+    procs, conns = [], []
+    gc.freeze()
+    try:
+        for _ in range(helpers):
+            mine, theirs = context.Pipe(duplex=True)
+            proc = context.Process(target=_stream_helper, args=(task, theirs, mine, os.getpid()), daemon=True)
+            proc.start()
+            theirs.close()
+            procs.append(proc)
+            conns.append(mine)
+    finally:
+        gc.unfreeze()
+    idle, busy = list(conns), {}  # busy: connection -> the sequence number it is working on
+    done: dict[int, T] = {}
+    taken = yielded = 0
+    exhausted, finished, limit = False, False, ahead * (helpers + 1)
+
+    def take():
+        nonlocal taken, exhausted
+        if exhausted or taken - yielded >= limit:
+            return None
+        try:
+            item = next(items)
+        except StopIteration:
+            exhausted = True
+            return None
+        taken += 1
+        return taken - 1, item
+
+    try:
+        while True:
+            while idle and (job := take()) is not None:
+                conn = idle.pop()
+                conn.send(job)
+                busy[conn] = job[0]
+            if yielded in done:
+                yield done.pop(yielded)
+                yielded += 1
+                continue
+            if exhausted and not busy and yielded == taken:
+                break
+            ready = wait(list(busy), timeout=0) if busy else []
+            if not ready:
+                if (job := take()) is not None:
+                    done[job[0]] = task(job[1])
+                    continue
+                ready = wait(list(busy))
+            for conn in ready:
+                try:
+                    kind, index, payload = conn.recv()
+                except EOFError:
+                    proc = procs[conns.index(conn)]
+                    proc.join()
+                    raise _died(proc.exitcode or -1) from None
+                if kind == "error":
+                    error, text = payload
+                    if error is None:
+                        raise RuntimeError(f"a preprocessing process failed on task {index}:\n{text}")
+                    error.add_note(f"raised in a preprocessing process, task {index}:\n{text}")
+                    raise error
+                done[index] = payload
+                del busy[conn]
+                idle.append(conn)
+        finished = True
+    finally:
+        for conn in conns:
+            if finished:  # tell each helper there is no more work
+                with contextlib.suppress(OSError):
+                    conn.send(None)
+            conn.close()
+        for proc in procs:
+            if finished:
+                threading.Thread(target=proc.join, daemon=True).start()
+                continue
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+
+
+def _stream_helper(task: Callable[[object], object], conn, parents_end, parent: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    parents_end.close()
+    try:
+        while os.getppid() == parent:  # orphaned (the parent killed outright): stop
+            try:
+                if not conn.poll(1.0):  # siblings hold copies of the parent's end: EOF may never come
+                    continue
+                job = conn.recv()
+            except (EOFError, ConnectionError):
+                return
+            if job is None:
+                return
+            k, item = job
+            try:
+                message = ("ok", k, task(item))
+            except BaseException as error:
+                message = ("error", k, (_picklable(error), traceback.format_exc()))
+            try:
+                conn.send(message)
+            except ConnectionError:
+                return
+            if message[0] == "error":
+                return
+    finally:
+        conn.close()

@@ -263,13 +263,15 @@ def iter_conversations(
     report: ReadReport | None = None,
     *,
     prepare=None,
+    check_ratio: bool = True,
 ) -> Iterator[Conversation]:
     """Yield the accepted conversations of `paths` one at a time, counting every record into `report`.
 
     Memory does not grow with the data except by the id set (`SeenIds`, 12-36 bytes per record with an id)
     and, when `report.keep` is set, the problems and rejected records kept for `check`. Rejected records are
     written to `policy.rejects_path` as they are met. `prepare(source, raw)`, if given, maps each raw record
-    before validation (a mixture source's field and role mapping)."""
+    before validation (a mixture source's field and role mapping). `check_ratio=False` leaves the
+    `max_invalid_ratio` check to the caller (`check_invalid_ratio`)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     report = report if report is not None else ReadReport()
@@ -302,7 +304,7 @@ def iter_conversations(
                 report.file_errors.append(items.error)
                 if policy is not None:
                     raise DataError(str(items.error))
-    if policy is not None:
+    if policy is not None and check_ratio:
         check_invalid_ratio(report, policy)
 
 

@@ -92,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=data_args.preprocessing_num_workers,
         cache_dir=args.cache_dir,
         policy=data_args.read_policy(Path(args.output_dir) if args.should_save else None),  # one writer
-        main_process_first=args.main_process_first,
         progress=args.should_log and not args.disable_tqdm,
     )
     announce(say, split.notices, gather=True)

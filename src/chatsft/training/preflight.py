@@ -190,13 +190,22 @@ def check_disk_space(output_dir: str | os.PathLike, need: int, *, what: str) -> 
 
 
 def check_data_files(paths: Iterable[str | os.PathLike], *, flag: str = "--data_path") -> None:
-    """Each path is an existing, readable, non-empty .json/.jsonl/.parquet file (records come later)."""
+    """Each path is an existing, readable, non-empty .json/.jsonl/.parquet file, a folder of such shards or
+    saved by `datasets`, or a Hub dataset name (tried when the data is read; records come later)."""
+    from chatsft.sources import FileError, is_hub_name, shards
+
     for raw in paths:
         path = Path(os.fspath(raw))
+        if is_hub_name(os.fspath(raw)):
+            continue
         if not path.exists():
             raise DataError(f"{flag} {path}: no such file")
         if path.is_dir():
-            raise DataError(f"{flag} {path}: is a folder; give the .json, .jsonl or .parquet files in it")
+            try:
+                shards(str(path))
+            except FileError as e:
+                raise DataError(f"{flag} {path}: {e.detail}") from None
+            continue
         if path.suffix.lower() not in DATA_SUFFIXES:
             raise DataError(
                 f"{flag} {path}: expected .json, .jsonl or .parquet, got {path.suffix or 'no extension'!r}"
