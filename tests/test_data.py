@@ -20,7 +20,7 @@ from chatsft import cache, data
 from chatsft.data import LazyDataset, build_datasets
 from chatsft.encode import IGNORE_INDEX, LOSS_MODES, Encoder, _label_by_segment, _label_by_token
 from chatsft.errors import ChatsftError, ConfigError, DataError
-from chatsft.mixture import uniform
+from chatsft.mixture import DataSource, parse_source, uniform
 from chatsft.records import Conversation, ReadPolicy, read_conversations
 from chatsft.templates import BUILTINS, VICUNA, Segment, render
 
@@ -453,3 +453,141 @@ def test_default_workers_follow_the_cpus_this_process_may_use(monkeypatch):
     assert data.usable_cpus() == 3  # a SLURM job's cpuset, not the whole node
     monkeypatch.delattr(os, "sched_getaffinity")
     assert data.usable_cpus() == 128
+
+
+# ---- (g) mixtures ----
+
+
+def test_a_weighted_mixture_is_seeded_counted_and_keyed(bpe_tokenizer, write_file, tmp_path):
+    """Three sources of 200 conversations at weights 1, 0.5 and 2.5: 200, 100 +- 7 and 400 + (100 +- 7) used
+    (a binomial draw per conversation: standard deviation sqrt(200 * 0.5 * 0.5) ~ 7; we allow 4 of them)."""
+    paths = [write_file(f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in records(200, prefix=name)))
+             for name in "abc"]  # fmt: skip
+    weights = [1, 0.5, 2.5]
+    sources = [DataSource(str(p), weight=w) for p, w in zip(paths, weights, strict=True)]
+    encoder = Encoder(VICUNA, bpe_tokenizer)
+    split = build_datasets(encoder, sources=sources, cache_dir=tmp_path / "c", num_workers=2, seed=5)
+    used = {name: c["conversations"] for name, c in split.sources["train"].items()}
+    assert used[str(paths[0])] == 200
+    assert abs(used[str(paths[1])] - 100) <= 28 and abs(used[str(paths[2])] - 500) <= 28
+    assert len(split.train) == sum(used.values())  # one example per conversation in this loss mode
+    # the draws are the hash of (seed, source, id): exactly these conversations
+    drawn_b = [f"b{i}" for i in range(200) if uniform(5, str(paths[1]), f"b{i}") < 0.5]
+    assert [r[0] for r in rows(split.train) if r[0].startswith("b")] == drawn_b
+    ids_c = [r[0] for r in rows(split.train) if r[0].startswith("c")]
+    assert len(ids_c) == used[str(paths[2])] and set(ids_c) == {f"c{i}" for i in range(200)}
+    # audit.json carries the per-source counts
+    body = json.loads(split.audit_json())
+    assert {n: c["conversations"] for n, c in body["train"]["sources"].items()} == used
+    assert (
+        sum(c["trained_tokens"] for c in body["train"]["sources"].values()) == body["train"]["trained_tokens"]
+    )
+    # same inputs: a hit; another weight or seed: another entry
+    assert build_datasets(encoder, sources=sources, cache_dir=tmp_path / "c", seed=5).cache_hit is True
+    changed = [*sources[:2], DataSource(str(paths[2]), weight=2.0)]
+    other = build_datasets(encoder, sources=changed, cache_dir=tmp_path / "c", seed=5)
+    assert other.cache_hit is False and other.cache_paths != split.cache_paths
+    assert other.sources["train"][str(paths[2])]["conversations"] == 400
+
+
+def test_per_source_options_mapping_system_template_and_max_samples(bpe_tokenizer, write_file, tmp_path):
+    odd = [
+        {
+            "uid": f"o{i}",
+            "dialog": [{"speaker": "Human", "text": f"Hi {i}"}, {"speaker": "Bot", "text": "Hello."}],
+        }
+        for i in range(4)
+    ]
+    odd_path = write_file("odd.json", odd)
+    plain = write_file("plain.json", records(6))
+    sources = [
+        DataSource(
+            str(odd_path),
+            name="odd",
+            fields={"conversations": "dialog", "id": "uid", "from": "speaker", "value": "text"},
+            roles={"Human": "user", "Bot": "assistant"},
+            system="Answer briefly.",
+        ),
+        DataSource(str(plain), name="plain", max_samples=3, conv_template="chatml"),
+    ]
+    encoder = Encoder(VICUNA, bpe_tokenizer)
+    split = build_datasets(encoder, sources=sources, cache_dir=tmp_path / "c", num_workers=1)
+    assert [r[0] for r in rows(split.train)] == ["o0", "o1", "o2", "o3", "r0", "r1", "r2"]
+    assert split.sources["train"]["plain"] | {} == {**split.sources["train"]["plain"], "accepted": 6}
+    mapped = Conversation(
+        "o0",
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Hi 0"},
+            {"role": "assistant", "content": "Hello."},
+        ],
+    )
+    assert rows(split.train)[0][1] == encoder.encode(mapped).examples[0].input_ids
+    chatml = sources[1].encoder(encoder)
+    first_plain = read_conversations([plain])[0][0]
+    assert (
+        rows(split.train)[4][1]
+        == chatml.encode(first_plain).examples[0].input_ids
+        != (encoder.encode(first_plain).examples[0].input_ids)
+    )
+
+
+def test_mixture_entries_from_the_command_line_and_their_errors():
+    src = parse_source("data/a.jsonl::weight=0.5,system=Be brief.,fields.from=speaker,roles.Bot=assistant")
+    assert src == DataSource(
+        "data/a.jsonl", weight=0.5, system="Be brief.", fields={"from": "speaker"}, roles={"Bot": "assistant"}
+    )
+    assert parse_source('{"path": "b.json", "max_samples": 10}') == DataSource("b.json", max_samples=10)
+    for text, message in [
+        ("a.json::weight=2,max_samples=3", "dataset 'a.json': give weight or max_samples, not both"),
+        ("a.json::weight=-1", "dataset 'a.json': weight must be a number above 0, got -1"),
+        (
+            "a.json::wieght=1",
+            "--datasets 'a.json': unknown option(s) wieght; known: path, name, weight, "
+            "max_samples, conv_template, loss_mode, system, fields, roles",
+        ),  # fmt: skip
+        ("a.json::weight", "--datasets 'a.json::weight': 'weight' is not key=value"),
+        ('{"weight": 1}', """--datasets '{"weight": 1}': each entry needs a path"""),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            parse_source(text)
+        assert str(err.value) == message
+
+
+@pytest.mark.slow
+def test_a_three_source_mixture_from_a_config_trains_end_to_end(tmp_path):
+    """`--config` with a `datasets:` list of three weighted sources (300 conversations each, weights 1, 0.5,
+    0.2): the final folder's audit.json counts 300, 150 +- 9 and 60 +- 7 conversations (binomial standard
+    deviations; 4 allowed), and trains."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.chatsft_runs import ENV, conversations, make_setup, train_flags
+
+    setup = make_setup(tmp_path / "setup", dropout=0.0, n=8)
+    paths = []
+    for name in "xyz":
+        recs = [{**r, "id": f"{name}{i}"} for i, r in enumerate(conversations(300))]
+        paths.append(tmp_path / f"{name}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    weights = [1, 0.5, 0.2]
+    config = tmp_path / "mix.yaml"
+    config.write_text(
+        yaml.safe_dump({"datasets": [{"path": str(p), "weight": w} for p, w in zip(paths, weights)]})
+    )
+    flags = train_flags(
+        setup, tmp_path / "out", cache=tmp_path / "cache", max_steps=2, accumulation=1, save_steps=10
+    )
+    i = flags.index("--data_path")
+    flags[i : i + 2] = ["--config", str(config)]
+    done = subprocess.run(
+        [sys.executable, "-m", "chatsft.train", *flags], capture_output=True, text=True, env=ENV, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    audit = json.loads((tmp_path / "out" / "audit.json").read_text())["train"]
+    used = [audit["sources"][str(p)]["conversations"] for p in paths]
+    assert used[0] == 300 and abs(used[1] - 150) <= 4 * 9 and abs(used[2] - 60) <= 4 * 7
+    assert audit["records"] == sum(used) and audit["examples"] == sum(used)
+    assert f"source {paths[1]}: 300 accepted, {used[1]} conversations used" in done.stdout + done.stderr

@@ -142,6 +142,24 @@ def build_datasets(
                  [entry], manifest["sources"])  # fmt: skip
 
 
+def data_identity(
+    encoder: Encoder,
+    data_path: list[str] | None = None,
+    *,
+    sources: list[DataSource] | None = None,
+    eval_data_path: list[str] | None = None,
+    train_ratio: float = 1.0,
+    seed: int = 42,
+    cache_dir=None,
+) -> tuple[list[list[str]], str]:
+    """(the fingerprints of every source's shards, the cache key) that `build_datasets` with the same
+    arguments uses: what a run manifest records to recognise the data on resume."""
+    sources = sources or [DataSource(p) for p in data_path or []]
+    plan = _Plan(encoder, sources, [DataSource(p) for p in eval_data_path or []], train_ratio, seed)
+    root = Path(cache_dir) if cache_dir else cache.default_cache_dir()
+    return plan.fingerprints(root), plan.key(root)
+
+
 class _Plan:
     """What to read and how: the sources, their encoders, the split; and the stream of (side, source number,
     conversation, copies) it makes."""
@@ -163,14 +181,24 @@ class _Plan:
                     raise ConfigError(f"{f} is given twice; give it once (with a weight to use it more)")
                 self.owner[n >= self.n_train][f] = n
 
+    def fingerprints(self, root: Path) -> list[list[str]]:
+        """Per source, the fingerprint of each of its shards (a file's SHA-256, a `datasets` fingerprint)."""
+        return [
+            [
+                fingerprint_of(f) or cache.file_fingerprint(f, root)
+                for f, m in self.owner[n >= self.n_train].items()
+                if m == n
+            ]
+            for n in range(len(self.sources))
+        ]
+
     def key(self, root: Path) -> str:
         parts = [cache.tokenizer_fingerprint(self.encoder.tokenizer), f"{self.train_ratio}:{self.seed}"]
-        for n, (src, enc) in enumerate(zip(self.sources, self.encoders, strict=True)):
+        for n, (src, enc, prints) in enumerate(
+            zip(self.sources, self.encoders, self.fingerprints(root), strict=True)
+        ):
             parts += [f"{'eval' if n >= self.n_train else 'train'} {src.key()}", enc.loss_mode]
-            parts += [str(enc.max_length), repr(enc.template)]
-            for f in self.owner[n >= self.n_train]:
-                if self.owner[n >= self.n_train][f] == n:
-                    parts.append(fingerprint_of(f) or cache.file_fingerprint(f, root))
+            parts += [str(enc.max_length), repr(enc.template), *prints]
         return cache.cache_key(parts)
 
     def stream(self, reports, policy, counts, keep=None):

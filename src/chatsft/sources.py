@@ -64,8 +64,6 @@ def shards(source: str) -> list[str]:
     if not path.is_dir() or is_saved_dataset(path):
         return [source]
     found = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
-    if not found and path.suffix.lower() in SUFFIXES:  # `x.json/`: most likely a file path, mistyped
-        raise FileError("file_unreadable", "is a directory")
     if not found:
         raise FileError("bad_dataset_folder", f"the folder holds no {', '.join(SUFFIXES)} files")
     return found

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         say,
         run_preflight(
             output_dir=args.output_dir,
-            data_paths=data_args.data_path,
+            data_paths=[source.path for source in data_args.sources],
             eval_data_paths=data_args.eval_data_path or (),
             model_path=model_args.model_name_or_path,
             dtype=model_args.load_dtype(args),
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     split = build_datasets(
         encoder,
-        data_args.data_path,
+        sources=data_args.sources,
         eval_data_path=data_args.eval_data_path,
         train_ratio=data_args.train_ratio,
         seed=args.data_seed if args.data_seed is not None else args.seed,

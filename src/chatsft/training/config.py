@@ -74,9 +74,27 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: list[str] = field(
-        default_factory=list, metadata={"help": "Training data: .json, .jsonl, .parquet files."}
+        default_factory=list,
+        metadata={
+            "help": "Training data, one source each: .json (a list or JSON Lines), .jsonl or .parquet files "
+            "(ShareGPT `conversations` or OpenAI `messages`), folders of such shards, folders written by "
+            "datasets' save_to_disk, or Hub dataset names (org/name[:split], through datasets.load_dataset, "
+            "where the network allows)."
+        },
     )
-    eval_data_path: list[str] | None = field(default=None, metadata={"help": "Evaluation data files."})
+    datasets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "A mixture, instead of or beside --data_path: one entry per source, "
+            "PATH::weight=W,max_samples=N,conv_template=T,loss_mode=M,system=S,fields.OURS=THEIRS,"
+            "roles.THEIRS=OURS (each option optional), or a JSON object with those keys; a `datasets:` list "
+            "of mappings in --config. weight: average uses of each conversation (0.5 a random half, 2 "
+            "twice), seeded; max_samples: the first N accepted conversations."
+        },
+    )
+    eval_data_path: list[str] | None = field(
+        default=None, metadata={"help": "Evaluation data: files, folders or Hub names, as --data_path."}
+    )
     train_ratio: float = field(
         default=1.0,
         metadata={"help": "Share of data_path kept for training; the rest (seeded split) is the eval set."},
@@ -124,8 +142,14 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        if not self.data_path:
-            raise ConfigError("--data_path is required")
+        from chatsft.mixture import DataSource, parse_source
+
+        if not self.data_path and not self.datasets:
+            raise ConfigError("--data_path (or --datasets) is required")
+        # every source of the run: each --data_path entry with no options, then each --datasets entry
+        self.sources = [DataSource(p) for p in self.data_path] + [
+            parse_source(d) for d in self.datasets or []
+        ]
         # one loss mode from the named flag or FastChat's booleans (two at once is an error)
         self.loss_mode = loss_mode_from_flags(
             self.loss_mode, self.efficient_loss, self.last_response_loss, self.split_example_loss
@@ -270,8 +294,8 @@ def config_to_flags(values: dict) -> list[str]:
     flags: list[str] = []
     for key, value in values.items():
         flags.append(f"--{key}")
-        if isinstance(value, list):
-            flags.extend(str(v) for v in value)
+        if isinstance(value, list):  # a mapping in a list (a `datasets:` entry) travels as JSON
+            flags.extend(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)
         elif isinstance(value, dict):
             flags.append(json.dumps(value))
         elif value is None:
