@@ -31,7 +31,7 @@ def read_one(write_file, record, name="d.json"):
     return convs, report, path
 
 
-# --- file-level reasons --------------------------------------------------------------------------------------
+# --- file-level reasons -------------------------------------------------------------------------------------
 
 FILE_CASES = {
     "file_empty": ("empty.json", b""),
@@ -84,7 +84,7 @@ def test_every_code_is_documented():
     assert all(REASONS.values())
 
 
-# --- record-level reasons ------------------------------------------------------------------------------------
+# --- record-level reasons -----------------------------------------------------------------------------------
 
 RECORD_CASES = {
     "not_an_object": ["just a string", None],
@@ -171,7 +171,7 @@ def test_nested_list_instead_of_turns(write_file):
     assert report.problems[0].detail == "the turn is a JSON list, expected an object"
 
 
-# --- accepted shapes -----------------------------------------------------------------------------------------
+# --- accepted shapes ----------------------------------------------------------------------------------------
 
 
 def test_sharegpt_with_system_and_aliases(write_file):
@@ -248,7 +248,7 @@ def test_parquet(tmp_path):
     assert convs[1].messages[0]["role"] == "user"
 
 
-# --- the training policy -------------------------------------------------------------------------------------
+# --- the training policy ------------------------------------------------------------------------------------
 
 
 def mixed(write_file, bad: int, good: int = 10):
@@ -290,7 +290,7 @@ def test_mixed_file_counts_add_up(write_file):
     assert report.accepted + report.rejected_total == report.records_read
 
 
-# --- the command ---------------------------------------------------------------------------------------------
+# --- the command --------------------------------------------------------------------------------------------
 
 
 def test_check_command_exit_codes(write_file, capsys):
@@ -335,3 +335,131 @@ def test_bundled_sample_data_is_valid():
         pytest.skip("sample data not generated yet")
     convs, report = read_conversations([str(path)])
     assert report.rejected_total == 0 and len(convs) >= 200
+
+
+# --- hostile input, as a user meets it: `chatsft check` gives one line per problem, never a traceback -------
+
+
+def check(*args, shell=None):
+    """Run `chatsft check` in a process of its own; (exit code, stdout, stderr)."""
+    command = shell or [sys.executable, "-m", "chatsft", "check", *map(str, args)]
+    proc = subprocess.run(command, capture_output=True, text=True, shell=shell is not None)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_nesting_deeper_than_any_record(write_file):
+    depth = 10**5
+    deep = "[" * depth + "]" * depth
+    array = write_file("deep.json", '[{"conversations": ' + deep + "}]")
+    code, out, err = check(array)
+    assert code == 2
+    assert err == (
+        f"chatsft check: error: {array}: bad_json: nested more than 1000 levels deep, within bytes 0-200021\n"
+    )
+    lines = write_file("deep.jsonl", json.dumps(GOOD) + '\n{"conversations": ' + deep + "}\n")
+    code, out, err = check(lines)
+    assert code == 1 and err == ""
+    assert f"  {lines}:1: bad_json_line: line 2: nested too deeply\n" in out
+    arguments = {"a": 1}
+    for _ in range(70):  # within what the parser reads, beyond what a template can render
+        arguments = {"a": arguments}
+    call = {"role": "assistant", "content": "", "tool_calls": [{"name": "f", "arguments": arguments}]}
+    _, report = read_conversations(
+        [write_file("args.json", [{"messages": [{"role": "user", "content": "q"}, call]}])]
+    )
+    assert str(report.problems[0]).endswith(
+        ":0 turn 1: nested_too_deeply: call 0's `arguments` nests more than 64 levels deep"
+    )
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_lone_surrogates_are_rejected_and_kept(write_file, tmp_path, suffix):
+    """JSON can spell "\\ud800"; no tokenizer can encode it. Rejected wherever it is, printed escaped, and
+    kept in the rejects file as the same JSON escape (json.dumps writes it so: ASCII-only)."""
+    records = [
+        GOOD,
+        rec(turn(H, "q"), turn(G, "a"), id="x\ud800"),
+        rec(turn(H, "bad \udfff here"), turn(G, "a"), id="c"),
+        rec(turn(H, "q"), turn(G, "😀 fine"), id="pair"),
+    ]
+    text = json.dumps(records) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in records)
+    path = write_file("s" + suffix, text)
+    rejects = tmp_path / "rejected.jsonl"
+    code, out, err = check(path, "--rejects", rejects)
+    assert code == 1 and err == ""
+    assert (
+        f"  {path}:1 (id=x\\ud800): bad_unicode: `id` holds a lone surrogate U+D800 at character 1\n" in out
+    )
+    assert (
+        f"  {path}:2 (id=c) turn 0: bad_unicode: `value` holds a lone surrogate U+DFFF at character 4\n"
+        in out
+    )
+    assert "accepted          2\n" in out
+    rows = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
+    assert [r["record"] for r in rows] == records[1:3]
+
+
+def test_parquet_values_json_cannot_hold(tmp_path):
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        {
+            "id": b"r0",
+            "when": datetime.datetime(2024, 5, 1, 12, 30),
+            "price": decimal.Decimal("1.50"),
+            "conversations": [turn(H, "q"), turn(G, "a")],
+        },
+        {"id": b"\xff\xfe", "when": None, "price": None, "conversations": [turn(H, "q"), turn(G, "a")]},
+    ]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    rejects = tmp_path / "rej.jsonl"
+    code, out, err = check(path, "--rejects", rejects)
+    assert code == 1 and err == ""
+    assert f"  {path}:0: bad_id: `id` is a JSON bytes, expected a string or an integer\n" in out
+    assert [json.loads(line)["record"] for line in rejects.read_text().splitlines()] == [
+        {
+            "id": "r0",
+            "when": "2024-05-01T12:30:00",
+            "price": "1.50",
+            "conversations": rows[0]["conversations"],
+        },
+        {"id": "base64://4=", "when": None, "price": None, "conversations": rows[1]["conversations"]},
+    ]
+
+
+def test_ids_that_would_fake_lines_are_escaped(write_file):
+    path = write_file("ids.json", [rec(id="a\nids.json:0: fake"), rec(id="\x1b[31mred\x1b[0m")])
+    code, out, _ = check(path)
+    assert code == 1
+    assert out.splitlines()[-2:] == [
+        f"  {path}:0 (id=a\\nids.json:0: fake): no_turns: `conversations` is an empty list",
+        f"  {path}:1 (id=\\x1b[31mred\\x1b[0m): no_turns: `conversations` is an empty list",
+    ]
+
+
+def test_output_cut_short_by_its_reader(write_file, tmp_path):
+    bad = [rec(turn(H, "a"), turn(H, "b"), id=f"b{i}") for i in range(3000)]  # ~300 KB of problem lines
+    path = write_file("bad.json", bad)
+    rejects = tmp_path / "rej.jsonl"
+    cmd = f"{sys.executable} -m chatsft check {path} --max_problems 0 --rejects {rejects} | head -n 2"
+    code, out, err = check(shell=cmd)
+    assert code == 0 and err == ""  # head's status; check itself stopped quietly
+    assert out.splitlines() == ["files             1", "records read      3000"]
+    assert len(rejects.read_text().splitlines()) == 3000  # written before the output
+
+
+def test_rejects_path_that_cannot_be_written(write_file, tmp_path):
+    bad = write_file("bad.json", [GOOD, rec(turn(H, "a"))])
+    (tmp_path / "file.txt").write_text("")
+    code, _, err = check(bad, "--rejects", tmp_path / "file.txt" / "rej.jsonl")
+    assert code == 2
+    target = tmp_path / "file.txt" / "rej.jsonl"
+    assert (
+        err == f"chatsft check: error: cannot write rejected records to {target}: {target.parent} is a file\n"
+    )

@@ -138,3 +138,34 @@ def test_missing_path_that_is_no_hub_name(tmp_path):
     with pytest.raises(FileError) as err:
         list(iter_records(str(tmp_path / "missing.json")))
     assert err.value.reason == "file_missing"
+
+
+def test_prescan_depth_and_lone_surrogates_at_every_block_boundary():
+    """The pass before ijson: nesting beyond MAX_DEPTH refused (ijson's memory grows with its square),
+    brackets and escapes inside strings ignored, lone surrogate escapes found (yajl2_c would read them as
+    "?"), with every cut a block boundary can make."""
+    import io
+
+    from chatsft.sources import MAX_DEPTH, _prescan
+
+    lone = [b'["\\ud800"]', b'["\\udc00 x"]', b'["a\\ud83d"]']
+    fine = [b'["\\ud83d\\ude00"]', b'["a\\\\", "\\\\\\"[[["]', b'[{"a": "[[[["}]']
+    for text, want in [(t, True) for t in lone] + [(t, False) for t in fine]:
+        for size in (1, 2, 3, 5, 7, 1 << 20):
+            assert _prescan(io.BytesIO(text), block_size=size) is want, (text, size)
+    for depth in (MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1):
+        for size in (1, 7, 1 << 20):
+            text = b"[" * depth + b"]" * depth
+            if depth <= MAX_DEPTH:
+                assert _prescan(io.BytesIO(text), block_size=size) is False
+            else:
+                with pytest.raises(FileError, match=f"nested more than {MAX_DEPTH} levels deep"):
+                    _prescan(io.BytesIO(text), block_size=size)
+    hidden = (
+        b'[{"a": "' + b"}" * 3000 + b'", "b": ' + b"[" * 1200 + b"]" * 1200 + b"}]"
+    )  # closers in a string
+    quoted = b'["' + b"[" * 5000 + b'\\"' + b"[" * 5000 + b'"]'  # openers in a string
+    for size in (1, 3, 64, 1 << 20):
+        with pytest.raises(FileError):
+            _prescan(io.BytesIO(hidden), block_size=size)
+        assert _prescan(io.BytesIO(quoted), block_size=size) is False

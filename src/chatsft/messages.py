@@ -81,6 +81,7 @@ MESSAGE_REASONS = {
     "bad_tool_message": "a tool message's `tool_call_id` or `name` is not a string",
     "bad_tools": "`tools` is not a list (or a JSON string of one) of function schemas with distinct names",
     "bad_unicode": "a string holds a lone surrogate (not valid Unicode; no tokenizer can encode it)",
+    "nested_too_deeply": "tool-call arguments or tool schemas nest more than 64 levels deep",
 }
 
 
@@ -111,8 +112,7 @@ def to_messages(
         name = turn[rk]
         role = ROLE_ALIASES.get(name.lower()) if isinstance(name, str) else None
         if role is None:
-            shown = json.dumps(name, ensure_ascii=False)[:60]
-            raise Reject("unknown_role", f"`{rk}` is {shown}; known: {', '.join(ROLE_ALIASES)}", n)
+            raise Reject("unknown_role", f"`{rk}` is {shown(name)}; known: {', '.join(ROLE_ALIASES)}", n)
         ck = _first_key(turn, content_key, "content", "value")
         if name.lower() == "function_call":
             message = _function_call_turn(turn, ck, n, names)
@@ -241,8 +241,7 @@ def _weight(turn: dict, n: int) -> int:
     if value is None:
         return 1
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
-        shown = json.dumps(value)[:40] if isinstance(value, (int, float, str, bool)) else type_name(value)
-        raise Reject("bad_weight", f"`weight` is {shown}, expected 0 or 1", n)
+        raise Reject("bad_weight", f"`weight` is {shown(value, 40)}, expected 0 or 1", n)
     return int(value)
 
 
@@ -255,9 +254,7 @@ def _tool_calls(raw, what: str, n: int, names: set[str] | None) -> list[dict]:
             raise Reject("bad_tool_calls", f"call {k} is a JSON {type_name(call)}, expected an object", n)
         kind = call.get("type")
         if kind is not None and kind != "function":
-            raise Reject(
-                "bad_tool_calls", f'call {k} has `type` {json.dumps(kind)[:40]}, expected "function"', n
-            )
+            raise Reject("bad_tool_calls", f'call {k} has `type` {shown(kind, 40)}, expected "function"', n)
         fn = call.get("function") if call.get("function") is not None else call
         if not isinstance(fn, dict):
             raise Reject(
@@ -265,8 +262,8 @@ def _tool_calls(raw, what: str, n: int, names: set[str] | None) -> list[dict]:
             )
         name = fn.get("name")
         if not isinstance(name, str) or not name.strip():
-            shown = "no `name`" if name is None else f"`name` {json.dumps(name, ensure_ascii=False)[:40]}"
-            raise Reject("bad_tool_calls", f"call {k} has {shown}; a call must name its function", n)
+            what = "no `name`" if name is None else f"`name` {shown(name, 40)}"
+            raise Reject("bad_tool_calls", f"call {k} has {what}; a call must name its function", n)
         unicode_ok(name, f"call {k}'s `name`", n)
         if names is not None and name not in names:
             known = ", ".join(sorted(names))
@@ -367,9 +364,7 @@ def to_tools(value) -> list[dict] | None:
         if not isinstance(entry, dict):
             raise Reject("bad_tools", f"tool {k} is a JSON {type_name(entry)}, expected an object")
         if entry.get("type") not in (None, "function"):
-            raise Reject(
-                "bad_tools", f'tool {k} has `type` {json.dumps(entry["type"])[:40]}, expected "function"'
-            )
+            raise Reject("bad_tools", f'tool {k} has `type` {shown(entry["type"], 40)}, expected "function"')
         nested = entry.get("function") is not None
         fn = entry["function"] if nested else entry
         if not isinstance(fn, dict):
@@ -392,11 +387,15 @@ def to_tools(value) -> list[dict] | None:
     return tools or None
 
 
+MAX_DEPTH = 64  # nesting kept in arguments and tool schemas (JSON schemas nest a few levels)
+
+
 def unicode_ok(value, what: str, turn: int | None = None) -> None:
-    """Reject a lone surrogate anywhere in `value` (a string, or nested lists and dicts, keys included)."""
-    stack = [value]
-    while stack:  # a loop, not recursion: arguments may nest as deep as the JSON parser allows
-        item = stack.pop()
+    """Reject a lone surrogate anywhere in `value` (a string, or nested lists and dicts, keys included), and
+    nesting deeper than `MAX_DEPTH` (rendering it, `tojson` in a template, would overflow the stack)."""
+    stack = [(value, 0)]
+    while stack:  # a loop, not recursion: values may nest as deep as the JSON parser allows
+        item, depth = stack.pop()
         if isinstance(item, str):
             if not item.isascii():
                 try:
@@ -407,11 +406,21 @@ def unicode_ok(value, what: str, turn: int | None = None) -> None:
                         f"{what} holds a lone surrogate U+{ord(item[e.start]):04X} at character {e.start}",
                         turn,
                     ) from None
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_DEPTH:
+                raise Reject("nested_too_deeply", f"{what} nests more than {MAX_DEPTH} levels deep", turn)
+            if isinstance(item, dict):
+                stack.extend((k, depth + 1) for k in item)
+                stack.extend((v, depth + 1) for v in item.values())
+            else:
+                stack.extend((v, depth + 1) for v in item)
+
+
+def shown(value, limit: int = 60) -> str:
+    """A value as it reads in JSON, cut to `limit` characters, for details; containers by their type only."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return json.dumps(value, ensure_ascii=False)[:limit]
+    return f"a JSON {type_name(value)}"
 
 
 def _text(value) -> str | None:

@@ -342,8 +342,11 @@ class _RejectsFile:
         self.path, self.file = path, None
 
     def open(self) -> None:
+        parent = Path(self.path).parent
+        if parent.exists() and not parent.is_dir():
+            raise DataError(f"cannot write rejected records to {self.path}: {parent} is a file")
         try:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            parent.mkdir(parents=True, exist_ok=True)
             self.file = open(
                 self.path, "w", encoding="utf-8", errors="backslashreplace"
             )  # closed by __exit__
