@@ -12,7 +12,7 @@ from chatsft.audit import Audit
 from chatsft.encode import IGNORE_INDEX, LOSS_MODES, Encoder
 from chatsft.jinja_templates import JinjaTemplate
 from chatsft.records import Conversation
-from chatsft.templates import BUILTINS, RenderError
+from chatsft.templates import BUILTINS, RenderError, Template
 
 QA = [
     {"role": "user", "content": "q1"},
@@ -43,7 +43,9 @@ def with_template(tokenizer, source: str) -> JinjaTemplate:
         tokenizer.chat_template = None
 
 
-@pytest.mark.parametrize("name", sorted(set(BUILTINS) - {"yuan2"}))
+@pytest.mark.parametrize(
+    "name", sorted(n for n, t in BUILTINS.items() if isinstance(t, Template) and n != "yuan2")
+)
 @pytest.mark.parametrize("mode", LOSS_MODES)
 def test_a_builtins_jinja_trains_what_the_builtin_trains(bpe_all_markers, name, mode):
     """The rule on a built-in's exported Jinja gives the built-in's ids and labels, in every loss mode."""

@@ -135,6 +135,7 @@ class Encoder:
         added = tokenizer.get_added_vocab()
         control = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         if isinstance(template, JinjaTemplate):
+            self._check_markers(template, added)
             self.template = template = template.bind(tokenizer)
             control |= set(template.control_tokens)
             self.stops = set(template.stop)
@@ -146,9 +147,11 @@ class Encoder:
         self.added_ids = set(added.values())
         self._backends = {}
 
-    def _check_markers(self, template: Template, added: dict) -> None:
+    def _check_markers(self, template: Template | JinjaTemplate, added: dict) -> None:
         for marker in template.markers:
-            token = template.resolve(marker, self.bos, self.eos)
+            # a Jinja built-in's markers are the tokens themselves ({bos}/{eos} are a table format's)
+            jinja = isinstance(template, JinjaTemplate)
+            token = marker if jinja else template.resolve(marker, self.bos, self.eos)
             if not token:
                 raise ConfigError(
                     f"the {template.name} template needs the tokenizer's {marker.strip('{}').upper()} "

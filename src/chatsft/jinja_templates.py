@@ -124,6 +124,11 @@ class JinjaTemplate:
     `variables`: the special tokens passed to the template (bos_token, eos_token, ...). `control_tokens`:
     the tokenizer's tokens the template writes (its special tokens and the added tokens in its source).
     `stop`: the end-of-turn tokens that end generation. `bind(tokenizer)` fills all three from a tokenizer.
+    A built-in (a family's real template, `chatsft.templates.BUILTINS`) also says which control tokens every
+    conversation writes (`markers`: each must be one token of the tokenizer, checked by the encoder) and
+    whether the template writes tools and reasoning (`tools` False refuses a record with tools, tool calls or
+    tool results; None, a tokenizer's own template, leaves them to the template and the tool-call round trip;
+    `reasoning` is for the record: reasoning a template does not write is dropped by it and counted).
     """
 
     name: str
@@ -132,6 +137,9 @@ class JinjaTemplate:
     control_tokens: tuple[str, ...] = ()
     stop: tuple[str, ...] = ()
     notes: str = ""
+    markers: tuple[str, ...] = ()
+    tools: bool | None = None
+    reasoning: bool | None = None
 
     def jinja(self) -> str:
         """The chat template to save with the model: the source itself."""
@@ -225,6 +233,8 @@ class JinjaTemplate:
         of what the template changed. `per_turn`: one example per turn (split_turns), else as few as the
         template allows. Raises RenderError for a record the template refuses or whose tool calls do not
         round-trip."""
+        # reasoning the template does not write is its choice, counted ("reasoning dropped by the template")
+        refuse_unwritten(self.name, messages, tools, tools_ok=self.tools, reasoning_ok=None)
         try:
             return self._plan(messages, trained, tools, per_turn)
         except RenderError as err:
@@ -326,6 +336,29 @@ class JinjaTemplate:
             if problem:
                 raise RenderError("tool_call_not_rendered", f"message {k}: {problem}")
         return Turn(k, context, trained, completion[end:], marker, data)
+
+
+def refuse_unwritten(name: str, messages, tools=None, *, tools_ok=False, reasoning_ok=False) -> None:
+    """A template without a tool (reasoning) format refuses a record with tools, tool calls or tool results
+    (reasoning): `template_has_no_tools` (`template_has_no_reasoning`), never trains it with them left out.
+    `tools_ok`/`reasoning_ok` None: not known (a tokenizer's own template), nothing refused here."""
+    hint = "choose a template that writes them (see the README's families table) or the tokenizer's own"
+    if tools_ok is False and tools:
+        raise RenderError(
+            "template_has_no_tools",
+            f"the record defines tools; the {name} template cannot write them: {hint}",
+        )
+    for i, m in enumerate(messages):
+        if tools_ok is False and (m.get("role") == "tool" or m.get("tool_calls")):
+            what = "is a tool result" if m.get("role") == "tool" else "makes tool calls"
+            raise RenderError(
+                "template_has_no_tools", f"message {i} {what}; the {name} template has no tool format: {hint}"
+            )
+        if reasoning_ok is False and m.get("reasoning_content"):
+            raise RenderError(
+                "template_has_no_reasoning",
+                f"message {i} has reasoning; the {name} template has no reasoning format: {hint}",
+            )
 
 
 # ---- helpers of the rule ----

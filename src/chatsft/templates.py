@@ -17,10 +17,11 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from typing import NamedTuple
 
 from chatsft.errors import ConfigError, RenderError
-from chatsft.jinja_templates import JinjaTemplate
+from chatsft.jinja_templates import JinjaTemplate, refuse_unwritten
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
 
@@ -109,17 +110,6 @@ LLAMA2 = Template(
     markers=("{bos}", "{eos}"),
     notes="Meta's format: every exchange is '<s>[INST] q [/INST] a </s>'; content is not stripped.",
 )
-LLAMA3 = Template(
-    name="llama-3",
-    begin="<|begin_of_text|>",
-    system="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
-    user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
-    cue="<|start_header_id|>assistant<|end_header_id|>\n\n",
-    end="<|eot_id|>",
-    markers=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    stop=("<|eot_id|>",),
-    notes="Content is kept as is (FastChat and Meta's Jinja strip it).",
-)
 MISTRAL = Template(
     name="mistral",
     bos=True,
@@ -160,8 +150,50 @@ YUAN2 = Template(
     characters of the last message. '<n>' is plain text here (the Yuan tokenizer's newline piece).""",
 )
 
-BUILTINS: dict[str, Template] = {
-    t.name: t for t in (VICUNA, BAICHUAN, BAICHUAN2, LLAMA2, LLAMA3, MISTRAL, CHATML, YUAN2)
+
+def real_template(name: str) -> str:
+    """A model family's real chat template, bundled in chatsft/assets/templates/ (README there: sources)."""
+    return (resources.files("chatsft") / "assets" / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def _real(name: str, markers: tuple[str, ...], tools=False, reasoning=False, notes="") -> JinjaTemplate:
+    """A built-in that is its family's real template, rendered by the Jinja rule (chatsft.jinja_templates)."""
+    source = real_template(name)
+    return JinjaTemplate(name, source, markers=markers, tools=tools, reasoning=reasoning, notes=notes)
+
+
+# The families whose real template writes tools or reasoning, or trims content, are that template itself:
+# what trains is what the model generates at inference. `markers`: control tokens every conversation writes.
+QWEN = ("<|im_start|>", "<|im_end|>")
+LLAMA3 = _real(
+    "llama-3",
+    ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    tools=True,
+    notes="Llama 3.1 Instruct's template: content trimmed; always a system header with 'Cutting Knowledge "
+    "Date: December 2023' and 'Today Date: 26 Jul 2024' (its date_string default, so the training text does "
+    "not depend on the day); tool definitions in the first user turn; one tool call per reply.",
+)
+QWEN25 = _real("qwen2.5", QWEN, tools=True, notes="Qwen2.5's default system prompt when there is none.")
+QWEN3 = _real("qwen3", (*QWEN, "<think>", "</think>"), tools=True, reasoning=True)
+GEMMA = _real("gemma", ("<start_of_turn>", "<end_of_turn>"), notes="Refuses a system message.")
+GEMMA3 = _real("gemma-3", ("<start_of_turn>", "<end_of_turn>"), notes="System text opens the first turn.")
+PHI3 = _real("phi-3", ("<|user|>", "<|assistant|>", "<|end|>"))
+PHI35 = _real("phi-3.5", ("<|user|>", "<|assistant|>", "<|end|>"), notes="Skips an empty system prompt.")
+DEEPSEEK_TURNS = ("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>")
+DEEPSEEK = _real("deepseek", DEEPSEEK_TURNS, tools=True, reasoning=True, notes="DeepSeek-V3's template.")
+DEEPSEEK_R1 = _real(
+    "deepseek-r1",
+    DEEPSEEK_TURNS,
+    reasoning=True,
+    notes="DeepSeek-R1 distills' template: it drops tool calls that come with text, so no tool format here.",
+)
+
+BUILTINS: dict[str, Template | JinjaTemplate] = {
+    t.name: t
+    for t in (
+        *(VICUNA, BAICHUAN, BAICHUAN2, LLAMA2, MISTRAL, CHATML, YUAN2),
+        *(LLAMA3, QWEN25, QWEN3, GEMMA, GEMMA3, PHI3, PHI35, DEEPSEEK, DEEPSEEK_R1),
+    )
 }
 TEMPLATE_CHOICES = ("auto", "tokenizer", *BUILTINS)
 
@@ -169,11 +201,15 @@ TEMPLATE_CHOICES = ("auto", "tokenizer", *BUILTINS)
 def get_template(name: str, tokenizer=None) -> tuple[Template | JinjaTemplate, str]:
     """Resolve `--conv_template`: a built-in name, 'tokenizer' (its own Jinja template) or 'auto'.
 
-    Returns the template and a one-line notice saying which was picked.
+    Returns the template (a Jinja built-in bound to `tokenizer`'s special tokens when one is given) and a
+    one-line notice saying which was picked.
     """
     chat_template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if name in BUILTINS:
-        return BUILTINS[name], f"conversation template: {name}"
+        template = BUILTINS[name]
+        if isinstance(template, JinjaTemplate) and tokenizer is not None:
+            template = template.bind(tokenizer)
+        return template, f"conversation template: {name}"
     if name == "tokenizer" or (name == "auto" and isinstance(chat_template, str) and chat_template):
         if not isinstance(chat_template, str) or not chat_template:
             raise ConfigError(
@@ -189,29 +225,6 @@ def get_template(name: str, tokenizer=None) -> tuple[Template | JinjaTemplate, s
 def template_from_tokenizer(tokenizer) -> JinjaTemplate:
     """The tokenizer's own Jinja chat_template, bound to its special tokens, control tokens and stops."""
     return JinjaTemplate.from_tokenizer(tokenizer)
-
-
-def refuse_tools_and_reasoning(template: Template, messages: Sequence[Mapping], tools=None) -> None:
-    """A table format has no way to write tools, tool calls or reasoning: a record holding them is refused
-    (`template_has_no_tools`, `template_has_no_reasoning`), never trained with them silently left out."""
-    hint = "choose a template that writes them (see the README's families table) or the tokenizer's own"
-    if tools:
-        raise RenderError(
-            "template_has_no_tools",
-            f"the record defines tools; the {template.name} template cannot write them: {hint}",
-        )
-    for i, m in enumerate(messages):
-        if m.get("role") == "tool" or m.get("tool_calls"):
-            what = "is a tool result" if m.get("role") == "tool" else "makes tool calls"
-            raise RenderError(
-                "template_has_no_tools",
-                f"message {i} {what}; the {template.name} template has no tool format: {hint}",
-            )
-        if m.get("reasoning_content"):
-            raise RenderError(
-                "template_has_no_reasoning",
-                f"message {i} has reasoning; the {template.name} template has no reasoning format: {hint}",
-            )
 
 
 def check_messages(messages: Sequence[Mapping[str, str]]) -> int:
@@ -242,10 +255,11 @@ def render(
     """Render `messages` into segments. `trained`: indices of the assistant messages to train (None = all of
     them, which for yuan2 also selects the all-replies format). `bos`/`eos`: the tokenizer's tokens (None or
     "" = none). With `add_generation_prompt` the messages must end on a user turn and the prompt for the next
-    reply is rendered. `tools`: the conversation's tool definitions, which no table format can write."""
+    reply is rendered. `tools`: the conversation's tool definitions, which no table format can write: a
+    record with tools, tool calls or reasoning is refused (`template_has_no_tools`/`_reasoning`)."""
     if isinstance(template, JinjaTemplate):
         raise TypeError("a Jinja template has no segments; use JinjaTemplate.plan (see encode.Encoder)")
-    refuse_tools_and_reasoning(template, messages, tools)
+    refuse_unwritten(template.name, messages, tools)
     start = check_messages(messages)
     last = len(messages) - 1
     if add_generation_prompt and messages[last]["role"] != USER:
