@@ -591,3 +591,48 @@ def test_a_three_source_mixture_from_a_config_trains_end_to_end(tmp_path):
     assert used[0] == 300 and abs(used[1] - 150) <= 4 * 9 and abs(used[2] - 60) <= 4 * 7
     assert audit["records"] == sum(used) and audit["examples"] == sum(used)
     assert f"source {paths[1]}: 300 accepted, {used[1]} conversations used" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_torchrun_launchers_encode_once_and_train_on_identical_examples(tmp_path):
+    """Two `torchrun --nnodes 2` launchers (one process each, gloo, rendezvous on 127.0.0.1) sharing a cache
+    folder, as two nodes on a shared file system: one process encodes, the other waits on the entry's lock
+    (no collective) and maps it; both see the same examples in the same order, and the sampler gives them
+    disjoint batches that together cover the data."""
+    import sys
+    import time
+
+    from tests.chatsft_runs import DRIVER, Launch, free_port, make_setup, train_flags
+
+    setup = make_setup(tmp_path / "setup", dropout=0.0, n=24)
+    flags = train_flags(
+        setup, tmp_path / "out", cache=tmp_path / "cache", max_steps=3, accumulation=1, save_steps=10
+    )
+    port, start = free_port(), time.monotonic()
+    launches = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
+               str(DRIVER), "--dump-data", str(tmp_path / "data.{rank}.json"), "--", *flags]  # fmt: skip
+        launches.append(Launch(cmd, tmp_path / f"node{node}.log"))
+    try:
+        dumps = [tmp_path / f"data.{rank}.json" for rank in (0, 1)]
+        launches[0].wait_for(lambda: all(d.is_file() for d in dumps), "the first training step")
+        first_step = time.monotonic() - start
+        codes = [launch.wait() for launch in launches]
+    finally:
+        for launch in launches:
+            launch.kill_group()
+    output = launches[0].output()
+    assert codes == [0, 0], output[-3000:] + launches[1].output()[-3000:]
+    encoded = [line for line in output.splitlines() if "training examples encoded and cached" in line]
+    loaded = [line for line in output.splitlines() if "training examples loaded from cache" in line]
+    assert len(encoded) == 1 and len(loaded) == 1 and ("rank 1: " in encoded[0]) != ("rank 1: " in loaded[0])
+    entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()
+    data = [json.loads(d.read_text()) for d in dumps]
+    assert data[0]["ids"] == data[1]["ids"] and len(data[0]["ids"]) == 24
+    seen = [i for d in data for batch in d["batches"] for i in batch]
+    assert sorted(seen) == sorted(data[0]["ids"])  # each example once per epoch, on one rank or the other
+    print(f"two launchers: {first_step:.1f} s from launch to the first training step")

@@ -1,6 +1,7 @@
 """`python -m chatsft.train` with test instruments, for the fault and multi-process tests (not product code).
 
-    python tests/train_driver.py [--trace FILE] [--kill-at WHERE@STEP] [--slow-marker SECONDS] -- <train flags>
+    python tests/train_driver.py [--trace FILE] [--kill-at WHERE@STEP] [--slow-marker SECONDS]
+        [--dump-data FILE] -- <train flags>
 
 --trace FILE: for every trained micro-batch append one JSON line: the optimizer step it belongs to, the rank, a
   hash of its input_ids and a hash of the RNG states (torch CPU, Python, NumPy) as the forward starts. `{rank}`
@@ -9,6 +10,7 @@
   are written, the optimizer state is not; `rng` = model and optimizer written, RNG state not; `marker` = every
   file written, the completion marker not. A real SIGKILL, as an outside kill at that moment would be.
 --slow-marker SECONDS: sleep before each completion marker is written (a wide window for an outside kill).
+--dump-data FILE: write this rank's dataset ids and the ids of its first epoch's batches (`{rank}` as above).
 """
 
 from __future__ import annotations
@@ -99,6 +101,25 @@ def _install_slow_marker(seconds: float) -> None:
     checkpoint.write_marker = write_marker
 
 
+def _install_dump_data(path: str) -> None:
+    """Write, when the training DataLoader is made, this rank's dataset ids in order and the ids of the
+    batches its sampler gives it in the first epoch (iterating a seeded sampler does not change training)."""
+    from chatsft.training.trainer import ChatTrainer
+
+    rank = int(os.environ.get("RANK", "0"))
+    original = ChatTrainer.get_train_dataloader
+
+    def get_train_dataloader(self):
+        loader = original(self)
+        ids = list(self.train_dataset["id"])
+        batches = [[ids[i] for i in batch] for batch in loader.batch_sampler]
+        with open(path.replace("{rank}", str(rank)), "w") as f:
+            json.dump({"rank": rank, "ids": ids, "batches": batches}, f)
+        return loader
+
+    ChatTrainer.get_train_dataloader = get_train_dataloader
+
+
 def main(argv: list[str]) -> int:
     split = argv.index("--")
     ours, flags = argv[:split], argv[split + 1 :]
@@ -108,6 +129,8 @@ def main(argv: list[str]) -> int:
     if "--kill-at" in options:
         where, step = options["--kill-at"].split("@")
         _install_kill(where, int(step))
+    if "--dump-data" in options:
+        _install_dump_data(options["--dump-data"])
     if "--slow-marker" in options:
         _install_slow_marker(float(options["--slow-marker"]))
     from chatsft.commands.train import cli

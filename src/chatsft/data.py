@@ -21,6 +21,9 @@ conversations held in memory. Its audit comes from the same streamed pass, encod
 (cached like an eager entry): the audit's checks (a trained reply that does not end in a stop token, records
 rejected by the template, truncation) must be known before training starts, not after it; the price is one
 encoding pass up front, spread over the workers.
+
+The module is longer than most because the streamed pass is one piece: the plan (sources, encoders, split),
+the chunked encoding and the entry's manifest share their counts; the cache's own rules live in `cache`.
 """
 
 from __future__ import annotations
