@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import mistral_tokenizer_dir  # noqa: E402
+from common import mistral_tokenizer_dir
 
 WORDS = (
     "the model answer question data train token reply user assistant system chat format loss mask "
@@ -146,7 +146,9 @@ def main() -> None:
             data = generate(n, fmt, args.work)
             cache = args.work / f"cache-{n}-{fmt}"
             subprocess.run(["rm", "-rf", str(cache)], check=True)
-            child = CHILD.format(src=src, tok=str(tok), data=str(data), cache=str(cache), workers=args.workers)
+            child = CHILD.format(
+                src=src, tok=str(tok), data=str(data), cache=str(cache), workers=args.workers
+            )
             out, peaks, wall = watch([sys.executable, "-c", child])
             result = json.loads(out.strip().splitlines()[-1])
             entry = Path(result["entry"])

@@ -6,6 +6,7 @@ changes under them (bench_train.py once crashed on a changed return value for a 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,11 @@ def test_bench_memory_records_and_loss_print_their_tables(tmp_path):
         "model loss (all positions)",
         "causal_lm_loss (trained only)",
     ]
+
+
+@pytest.mark.slow
+def test_bench_scale_prints_one_row_per_format(tmp_path):
+    out = run("bench_scale.py", "--n", "40", "--workers", "2", "--work", str(tmp_path / "work"), cwd=tmp_path)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["n"], r["format"], r["examples"]) for r in rows] == [(40, "jsonl", 40), (40, "json", 40)]
+    assert all(len(r["peak_rss_mb_per_process"]) == 2 and r["cache_bytes"] > 0 for r in rows)
