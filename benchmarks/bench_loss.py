@@ -5,12 +5,22 @@ position) against `chatsft.training.loss.causal_lm_loss` (head and cross-entropy
 
 Synthetic batch: `--batch` examples of `--length` tokens, each with its last `--trained` share of tokens
 trained (the rest is prompt), padded collation. Prints the median of `--repeats` steps after one warm-up.
+
+    .venv/bin/python benchmarks/bench_loss.py --heads [--rows 2048] [--vocab 32000] [--hidden 256]
+
+compares the loss heads of `causal_lm_loss` instead (`--loss_head plain` vs `chunked`): forward + backward of
+hidden (rows, hidden) x head weight (vocab, hidden) -> summed cross-entropy in fp32, each head in a fresh
+process; time is the median of `--repeats` after a warm-up, memory the growth of the process's peak resident
+set (VmHWM, reset through /proc/self/clear_refs) over what it held before the head ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -27,8 +37,18 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--packed", action="store_true", help="one packed row instead of a padded batch")
+    ap.add_argument("--heads", action="store_true", help="compare the loss heads (plain, chunked) instead")
+    ap.add_argument("--rows", type=int, default=2048, help="with --heads: trained positions")
+    ap.add_argument("--chunk-rows", type=int, default=0, help="with --heads: rows per block (0: the default)")
+    ap.add_argument("--one-head", help=argparse.SUPPRESS)  # the child process of --heads
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.one_head:
+        print(json.dumps(one_head(a)))
+        return
+    if a.heads:
+        compare_heads(a)
+        return
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -81,6 +101,70 @@ def main() -> None:
     print("| loss | step s (median) | speed-up |\n| --- | ---: | ---: |")
     for name, s in results.items():
         print(f"| {name} | {s:.3f} | {base / s:.2f}x |")
+
+
+HEADS = ("plain", "chunked")
+
+
+def _kib(field: str) -> int:
+    status = open("/proc/self/status").read()
+    return int(next(line for line in status.splitlines() if line.startswith(field)).split()[1])
+
+
+def one_head(a) -> dict:
+    """In a fresh process: time and peak memory of one loss head's forward + backward."""
+    import torch.nn.functional as F
+
+    from chatsft.training.loss import chunked_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(a.rows, a.hidden, generator=g) * 0.5).requires_grad_()
+    w = (torch.randn(a.vocab, a.hidden, generator=g) * 0.02).requires_grad_()
+    t = torch.randint(0, a.vocab, (a.rows,), generator=g)
+
+    def step():
+        h.grad = w.grad = None
+        logits = h @ w.T
+        loss = (
+            chunked_cross_entropy(logits, t, a.chunk_rows or None)
+            if a.one_head == "chunked"
+            else F.cross_entropy(logits, t, reduction="sum")
+        )
+        loss.backward()
+        return loss.item()
+
+    before = _kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    loss = step()  # the first call: its peak is the memory figure
+    peak = _kib("VmHWM") - before
+    times = []
+    for _ in range(a.repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"head": a.one_head, "loss": loss, "seconds": statistics.median(times), "peak_mib": peak / 1024}
+
+
+def compare_heads(a) -> None:
+    results = []
+    for head in HEADS:
+        args = [sys.executable, __file__, "--one-head", head, "--rows", str(a.rows), "--vocab", str(a.vocab)]
+        args += ["--hidden", str(a.hidden), "--repeats", str(a.repeats), "--threads", str(a.threads)]
+        args += ["--chunk-rows", str(a.chunk_rows)]
+        done = subprocess.run(args, capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    logits_mib = a.rows * a.vocab * 4 / 2**20
+    from chatsft.training.loss import CHUNK_BYTES
+
+    chunk = a.chunk_rows or max(1, CHUNK_BYTES // (4 * a.vocab))
+    print(
+        f"loss heads: {a.rows} trained positions x vocab {a.vocab}, hidden {a.hidden}, fp32 on CPU, "
+        f"{a.threads} thread(s); fp32 logits {logits_mib:.0f} MiB; chunked takes {chunk} rows at a time"
+    )
+    print("| head | fwd+bwd s (median) | peak memory growth MiB | loss |\n| --- | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r['head']} | {r['seconds']:.3f} | {r['peak_mib']:.0f} | {r['loss']:.6f} |")
 
 
 if __name__ == "__main__":

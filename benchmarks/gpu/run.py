@@ -26,6 +26,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
@@ -224,7 +225,8 @@ def throughput(report, rows, device, peaks, a, out):
     results = []
     for name in variants:
         try:
-            r = run_variant(name, work, examples, flops, peaks, str(out / "runs" / name.replace(" ", "_")))
+            runs = tempfile.mkdtemp(prefix="chatsft-gpu-")  # not under --out: only the report comes back
+            r = run_variant(name, work, examples, flops, peaks, runs)
         except Exception as err:
             rows.append(
                 ("throughput", name, "error", f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
