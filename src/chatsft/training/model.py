@@ -124,6 +124,13 @@ def restore_use_cache(model) -> None:
 # --- vocabulary ---------------------------------------------------------------------------------------------
 
 
+def embedding_rows(model) -> int:
+    """Rows of the input embeddings; under ZeRO-3 the loaded weight is a 0-row partition and `ds_shape` holds
+    the real shape (read as 0, a padded vocabulary would be resized down to the tokenizer)."""
+    weight = model.get_input_embeddings().weight
+    return int(weight.ds_shape[0]) if hasattr(weight, "ds_shape") else int(weight.shape[0])
+
+
 def resize_embeddings(model, tokenizer) -> bool:
     """Grow the embeddings (and an untied lm_head) to `len(tokenizer)`; new rows = mean of the old rows.
 
@@ -135,7 +142,7 @@ def resize_embeddings(model, tokenizer) -> bool:
     import torch
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    old = model.get_input_embeddings().weight.shape[0]
+    old = embedding_rows(model)
     new = len(tokenizer)
     if new <= old:
         return False
@@ -156,9 +163,10 @@ def resize_embeddings(model, tokenizer) -> bool:
 
 
 def load_model_for(tokenizer, path, **load_kwargs) -> tuple[object, bool, list[str]]:
-    """`load_model` and then fit its embeddings and pad id to the prepared tokenizer; returns (model, grew, notices)."""
+    """`load_model` and then fit its embeddings and pad id to the prepared tokenizer; returns (model, grew,
+    notices)."""
     model, notices = load_model(path, **load_kwargs)
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = embedding_rows(model)
     grew = resize_embeddings(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     if grew:
