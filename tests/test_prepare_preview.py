@@ -189,3 +189,39 @@ def test_preview_reports_a_rejected_record(write_file, mistral_dir, tmp_path, ca
     assert "rejected: template_error: no system role" in capsys.readouterr().out
     assert preview(data, folder, "--id", "a", "--color", "never") == 0
     assert "<s> [INST] Hi [/INST]« Hello!</s>»" in capsys.readouterr().out
+
+
+def test_preview_shows_reasoning_tool_calls_and_results(write_file, qwen_tokenizer, tmp_path, capsys):
+    """Qwen3's real template on a record with reasoning, a tool call and its result: each part is labelled
+    (no colour), has its colour (terminal) and its class (HTML); the tool result is never trained."""
+    from importlib import resources
+
+    from tool_data import ACCEPTED
+
+    folder = tmp_path / "qwen3"
+    qwen_tokenizer.chat_template = (resources.files("chatsft") / "assets/templates/qwen3.jinja").read_text()
+    try:
+        qwen_tokenizer.save_pretrained(folder)
+    finally:
+        qwen_tokenizer.chat_template = None
+    record, _, _ = ACCEPTED["reasoning_and_tool_call"]
+    data = write_file("tools.json", [{"id": "t\x1b[0m", **record}])
+    page = tmp_path / "missing" / "folder" / "p.html"
+    assert preview(data, folder, "--color", "never", "--html", str(page)) == 0
+    out = capsys.readouterr().out
+    assert "record t\\x1b[0m " in out  # the id's escape sequence is shown, not obeyed
+    assert out.split("<|im_start|>user\n2+3?<|im_end|>\n")[1].split("\n\n\nwrote")[0] == (
+        "<|im_start|>assistant\n«<think>\n⟨reasoning⟩I should add.\n⟨/reasoning⟩</think>\n\n<tool_call>\n"
+        '{"name": "⟨call⟩add", "arguments": {"a": 2, "b": 3⟨/call⟩}}\n</tool_call><|im_end|>»\n'
+        "<|im_start|>user\n<tool_response>\n⟨result⟩5⟨/result⟩\n</tool_response><|im_end|>\n"
+        "<|im_start|>assistant\n«<think>\n⟨reasoning⟩The tool said 5.\n⟨/reasoning⟩</think>\n\n"
+        "2+3 is 5.<|im_end|>»"
+    )
+    text = page.read_text(encoding="utf-8")
+    assert 'class="t1 reasoning"' in text or 'class="t0 reasoning"' in text
+    assert ' call"' in text and ' result"' in text and 'class="t0 result"' not in text
+    assert preview(data, folder, "--color", "always") == 0
+    out = capsys.readouterr().out
+    assert "\033[30;45m" in out or "\033[30;105m" in out  # trained reasoning
+    assert "\033[30;46m" in out or "\033[30;106m" in out  # trained tool call
+    assert "\033[33m" in out or "\033[2;33m" in out  # the tool result, untrained
