@@ -129,3 +129,45 @@ def test_leading_assistant_with_calls_is_dropped_with_its_results(write_file):
         "tool_without_call: its call was in the leading assistant turn, which is dropped (as FastChat does)"
     ]
     assert report.problems[0].turn == 1
+
+
+def test_the_readme_examples_are_read_as_documented(write_file):
+    """The README's data examples (every JSON object in its `## Data` section) are accepted, as it says."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Data\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```json\n")[1:]]
+    decoder, records = json.JSONDecoder(), []
+    for block in blocks:
+        pos = 0
+        while block[pos:].strip():
+            record, end = decoder.raw_decode(block, len(block) - len(block[pos:].lstrip()))
+            records.append(record)
+            pos = end
+    path = write_file("readme.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    convs, report = read_conversations([path])
+    assert report.rejected_total == 0 and [c.id for c in convs] == ["a1", "a2", "t1", "r1", "s1"]
+    t1, r1, s1 = convs[2:]
+    weather = call("get_weather", {"city": "Paris"})
+    assert t1.messages[1] == A(
+        "", reasoning_content="I should look it up.", tool_calls=[{"id": "call_1", **weather}]
+    )
+    assert r1.messages[1] == A("5", weight=0) and r1.messages[3] == A(
+        "4", reasoning_content="Two and two make four."
+    )
+    assert s1.messages == [
+        U("Weather in Paris?"),
+        A("", tool_calls=[weather]),
+        {"role": "tool", "content": "18C, sunny"},
+        A("It is 18C and sunny in Paris."),
+    ]
+    assert s1.tools == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
