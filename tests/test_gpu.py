@@ -143,8 +143,8 @@ def test_mfu_is_logged_on_the_gpu(setup, tmp_path):
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     rows = [h for h in history if "loss" in h]
     assert len(rows) == 3 and all(h["trained_tokens_per_second"] > 0 for h in rows)
-    if peak is not None:  # a GPU of the table: the field is there
-        assert all(0 < h["mfu"] < 1 for h in rows)
+    if peak is not None:  # a GPU of the table: the field is there (about 0 for this tiny model: 4 decimals)
+        assert all(0 <= h["mfu"] < 1 for h in rows)
     else:
         pytest.skip(f"{torch.cuda.get_device_name()} is not in the peak table: no mfu field to check")
 
