@@ -295,19 +295,21 @@ REASONING_SET = [
         {"role": A, "content": "\n6", "reasoning_content": "\nThree and three make six.\n"},
     ],
 ]
-# built-in -> the trl wheel's byte copy of its family's Hub template (None: ours, see assets/templates/README)
+# The golden test table, one line per family: built-in -> (the trl wheel's byte copy of the family's Hub
+# template, None where ours is the reference (assets/templates/README.md); the conftest fixture holding the
+# family's real vocabulary, for a Jinja built-in).
 GOLDEN_REAL = {
-    "chatml": None,
-    "mistral": None,
-    "llama-3": "llama3_1",
-    "qwen2.5": "qwen2_5",
-    "qwen3": "qwen3",
-    "gemma": "gemma",
-    "gemma-3": "gemma3",
-    "phi-3": "phi3",
-    "phi-3.5": "phi3_5",
-    "deepseek": "deepseekv3",
-    "deepseek-r1": "deepseek_r1_distill",
+    "chatml": (None, None),
+    "mistral": (None, None),
+    "llama-3": ("llama3_1", "llama3_tokenizer"),
+    "qwen2.5": ("qwen2_5", "qwen_tokenizer"),
+    "qwen3": ("qwen3", "qwen_tokenizer"),
+    "gemma": ("gemma", "gemma_tokenizer"),
+    "gemma-3": ("gemma3", "gemma_tokenizer"),
+    "phi-3": ("phi3", "phi3_tokenizer"),
+    "phi-3.5": ("phi3_5", "phi3_5_tokenizer"),
+    "deepseek": ("deepseekv3", "deepseek_tokenizer"),
+    "deepseek-r1": ("deepseek_r1_distill", "deepseek_tokenizer"),
 }
 
 
@@ -320,12 +322,14 @@ def test_every_real_template_family_has_a_golden_test():
         "llama-2",
     }
     assert {p.stem for p in REAL_TEMPLATES.glob("*.jinja")} == set(GOLDEN_REAL)
+    jinja = {name for name, t in BUILTINS.items() if isinstance(t, JinjaTemplate)}
+    assert jinja == {name for name, (_, vocabulary) in GOLDEN_REAL.items() if vocabulary}
 
 
 def test_bundled_templates_are_trls_byte_copies():
     trl = pytest.importorskip("trl")
     theirs = Path(trl.__file__).parent / "chat_templates"
-    for name, trl_name in GOLDEN_REAL.items():
+    for name, (trl_name, _) in GOLDEN_REAL.items():
         if trl_name:
             ours = (REAL_TEMPLATES / f"{name}.jinja").read_bytes()
             assert ours == (theirs / f"{trl_name}.jinja").read_bytes(), name
@@ -400,28 +404,14 @@ def test_a_template_without_tools_or_reasoning_refuses_them_with_a_reason(tok, n
         assert encoded.notes == {"reasoning the template does not render (not trained)": 1}
 
 
-# built-in -> the session fixture (conftest) holding its family's real vocabulary and added tokens
-VOCABULARY = {
-    "llama-3": "llama3_tokenizer",
-    "qwen2.5": "qwen_tokenizer",
-    "qwen3": "qwen_tokenizer",
-    "gemma": "gemma_tokenizer",
-    "gemma-3": "gemma_tokenizer",
-    "phi-3": "phi3_tokenizer",
-    "phi-3.5": "phi3_5_tokenizer",
-    "deepseek": "deepseek_tokenizer",
-    "deepseek-r1": "deepseek_tokenizer",
-}
-
-
-@pytest.mark.parametrize("name", sorted(VOCABULARY))
+@pytest.mark.parametrize("name", sorted(n for n, (_, vocabulary) in GOLDEN_REAL.items() if vocabulary))
 def test_a_jinja_builtin_trains_what_the_familys_own_tokenizer_trains(request, name):
     """`--conv_template NAME` on the family's vocabulary gives the examples (ids, labels, split turns) and
     rejections that `--conv_template tokenizer` gives with the family's real template in the tokenizer;
     a whole-conversation example's ids are `apply_chat_template`'s (except where a message spells a control
     token, which we encode as text). Tool records a built-in cannot write are refused instead."""
-    assert set(VOCABULARY) == {n for n, t in BUILTINS.items() if isinstance(t, JinjaTemplate)}
-    tok = request.getfixturevalue(VOCABULARY[name])
+    assert isinstance(BUILTINS[name], JinjaTemplate)
+    tok = request.getfixturevalue(GOLDEN_REAL[name][1])
     tok.chat_template = source = (REAL_TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
     try:
         own = JinjaTemplate.from_tokenizer(tok)

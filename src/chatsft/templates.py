@@ -7,7 +7,9 @@ content, since SentencePiece folds that space into the first word) plus its end-
 after the marker (chatml's "\\n") are not trained. Every built-in also exports the Jinja `chat_template` that
 renders the same text, so the template used in training is the one inference uses. A tokenizer's own Jinja
 template is a `jinja_templates.JinjaTemplate` (its own rule, no segments); `get_template` returns either kind
-and `render_text` renders either. No torch or transformers import here.
+and `render_text` renders either. No torch or transformers import here. The module is longer than most because
+the table of built-ins (the data of every family: the table formats and the real templates in
+`assets/templates/`) lives here beside the render loop, so a new family is one entry in one place.
 """
 
 from __future__ import annotations
@@ -163,37 +165,32 @@ def _real(name: str, markers: tuple[str, ...], tools=False, reasoning=False, not
 
 
 # The families whose real template writes tools or reasoning, or trims content, are that template itself:
-# what trains is what the model generates at inference. `markers`: control tokens every conversation writes.
-QWEN = ("<|im_start|>", "<|im_end|>")
-LLAMA3 = _real(
-    "llama-3",
-    ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
-    tools=True,
-    notes="Llama 3.1 Instruct's template: content trimmed; always a system header with 'Cutting Knowledge "
-    "Date: December 2023' and 'Today Date: 26 Jul 2024' (its date_string default, so the training text does "
-    "not depend on the day); tool definitions in the first user turn; one tool call per reply.",
-)
-QWEN25 = _real("qwen2.5", QWEN, tools=True, notes="Qwen2.5's default system prompt when there is none.")
-QWEN3 = _real("qwen3", (*QWEN, "<think>", "</think>"), tools=True, reasoning=True)
-GEMMA = _real("gemma", ("<start_of_turn>", "<end_of_turn>"), notes="Refuses a system message.")
-GEMMA3 = _real("gemma-3", ("<start_of_turn>", "<end_of_turn>"), notes="System text opens the first turn.")
-PHI3 = _real("phi-3", ("<|user|>", "<|assistant|>", "<|end|>"))
-PHI35 = _real("phi-3.5", ("<|user|>", "<|assistant|>", "<|end|>"), notes="Skips an empty system prompt.")
-DEEPSEEK_TURNS = ("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>")
-DEEPSEEK = _real("deepseek", DEEPSEEK_TURNS, tools=True, reasoning=True, notes="DeepSeek-V3's template.")
-DEEPSEEK_R1 = _real(
-    "deepseek-r1",
-    DEEPSEEK_TURNS,
-    reasoning=True,
-    notes="DeepSeek-R1 distills' template: it drops tool calls that come with text, so no tool format here.",
+# what trains is what the model generates at inference. One entry each: its file in assets/templates/, the
+# control tokens every conversation writes (`markers`), whether it writes tools and reasoning.
+QWEN, PHI3 = ("<|im_start|>", "<|im_end|>"), ("<|user|>", "<|assistant|>", "<|end|>")
+GEMMA = ("<start_of_turn>", "<end_of_turn>")
+DEEPSEEK = ("<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>")
+REAL_TEMPLATES = (
+    _real(
+        "llama-3",
+        ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+        tools=True,
+        notes="Llama 3.1 Instruct's template: content trimmed; always a system header with 'Cutting "
+        "Knowledge Date: December 2023' and 'Today Date: 26 Jul 2024' (its date_string default, so the "
+        "training text does not depend on the day); tools in the first user turn; one tool call per reply.",
+    ),
+    _real("qwen2.5", QWEN, tools=True, notes="Qwen2.5's default system prompt when there is none."),
+    _real("qwen3", (*QWEN, "<think>", "</think>"), tools=True, reasoning=True),
+    _real("gemma", GEMMA, notes="Gemma and Gemma 2: the template refuses a system message."),
+    _real("gemma-3", GEMMA, notes="Gemma 3: system text opens the first user turn."),
+    _real("phi-3", PHI3),
+    _real("phi-3.5", PHI3, notes="Phi-3.5 skips an empty system prompt."),
+    _real("deepseek", DEEPSEEK, tools=True, reasoning=True, notes="DeepSeek-V3's template."),
+    _real("deepseek-r1", DEEPSEEK, reasoning=True, notes="R1 distills: tool calls beside text are dropped."),
 )
 
 BUILTINS: dict[str, Template | JinjaTemplate] = {
-    t.name: t
-    for t in (
-        *(VICUNA, BAICHUAN, BAICHUAN2, LLAMA2, MISTRAL, CHATML, YUAN2),
-        *(LLAMA3, QWEN25, QWEN3, GEMMA, GEMMA3, PHI3, PHI35, DEEPSEEK, DEEPSEEK_R1),
-    )
+    t.name: t for t in (VICUNA, BAICHUAN, BAICHUAN2, LLAMA2, MISTRAL, CHATML, YUAN2, *REAL_TEMPLATES)
 }
 TEMPLATE_CHOICES = ("auto", "tokenizer", *BUILTINS)
 
