@@ -51,6 +51,8 @@ def generate(n: int, fmt: str, dest: Path) -> Path:
     path = dest / f"gen-{n}.{fmt}"
     if path.is_file():
         return path
+    if n > BASE and n % BASE == 0:
+        return _replicate(generate(BASE, fmt, dest), n // BASE, fmt, path)
     rng = random.Random(n)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -64,6 +66,35 @@ def generate(n: int, fmt: str, dest: Path) -> Path:
     tmp.rename(path)
     return path
 
+
+BASE = 100_000  # larger files repeat the 100k one with distinct ids (generating words is slow in Python)
+
+
+def _replicate(base: Path, copies: int, fmt: str, path: Path) -> Path:
+    lines = [line.rstrip(",\n") for line in base.read_text(encoding="utf-8").splitlines(True)]
+    records = [line for line in lines if line.startswith("{")]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("[\n" if fmt == "json" else "")
+        for j in range(copies):
+            for i, line in enumerate(records):
+                line = line.replace('{"id": "c', f'{{"id": "k{j}-c', 1)
+                last = j == copies - 1 and i == len(records) - 1
+                f.write(line + ("\n" if fmt == "jsonl" or last else ",\n"))
+        f.write("]\n" if fmt == "json" else "")
+    tmp.rename(path)
+    return path
+
+
+READ_CHILD = """
+import sys, time, json
+sys.path.insert(0, {src!r})
+from chatsft.records import ReadPolicy, ReadReport, iter_conversations
+t = time.perf_counter()
+report = ReadReport(keep=False)
+n = sum(1 for _ in iter_conversations([{data!r}], ReadPolicy(), report))
+print(json.dumps({{"seconds": time.perf_counter() - t, "examples": n, "entry": None}}))
+"""
 
 CHILD = """
 import sys, time, json
@@ -137,6 +168,12 @@ def main() -> None:
     parser.add_argument("--format", nargs="+", default=["jsonl", "json"], choices=["jsonl", "json"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/chatsft-bench-scale"))
+    parser.add_argument(
+        "--stage",
+        default="prepare",
+        choices=["prepare", "read"],
+        help="prepare: build_datasets; read: only read and validate (iter_conversations), no encoding",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     tok = mistral_tokenizer_dir(args.work / "tokenizer")
@@ -146,14 +183,14 @@ def main() -> None:
             data = generate(n, fmt, args.work)
             cache = args.work / f"cache-{n}-{fmt}"
             subprocess.run(["rm", "-rf", str(cache)], check=True)
-            child = CHILD.format(
+            child = (CHILD if args.stage == "prepare" else READ_CHILD).format(
                 src=src, tok=str(tok), data=str(data), cache=str(cache), workers=args.workers
             )
             out, peaks, wall = watch([sys.executable, "-c", child])
             result = json.loads(out.strip().splitlines()[-1])
-            entry = Path(result["entry"])
-            size = sum(f.stat().st_size for f in entry.iterdir())
-            bare = bare_rate(tok, data)
+            entry = Path(result["entry"]) if result["entry"] else None
+            size = sum(f.stat().st_size for f in entry.iterdir()) if entry else 0
+            bare = bare_rate(tok, data) if entry else None
             rate = n / result["seconds"]
             rss = sorted(peaks.values(), reverse=True)
             print(
@@ -161,6 +198,7 @@ def main() -> None:
                     {
                         "n": n,
                         "format": fmt,
+                        "stage": args.stage,
                         "data_bytes": data.stat().st_size,
                         "wall_s": round(wall, 1),
                         "build_s": round(result["seconds"], 1),
@@ -168,8 +206,8 @@ def main() -> None:
                         "peak_rss_mb_per_process": [round(r / 2**20) for r in rss],
                         "cache_bytes": size,
                         "conversations_per_s": round(rate),
-                        "bare_tokenizer_conversations_per_s": round(bare),
-                        "ratio_to_bare": round(rate / bare, 2),
+                        "bare_tokenizer_conversations_per_s": round(bare) if bare else None,
+                        "ratio_to_bare": round(rate / bare, 2) if bare else None,
                         "loadavg": os.getloadavg(),
                     }
                 ),

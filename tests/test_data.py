@@ -591,6 +591,36 @@ def test_a_three_source_mixture_from_a_config_trains_end_to_end(tmp_path):
     assert used[0] == 300 and abs(used[1] - 150) <= 4 * 9 and abs(used[2] - 60) <= 4 * 7
     assert audit["records"] == sum(used) and audit["examples"] == sum(used)
     assert f"source {paths[1]}: 300 accepted, {used[1]} conversations used" in done.stdout + done.stderr
+    # --lazy_preprocess (FastChat's default) keeps the audit: the same audit.json, printed too
+    lazy_flags = [*flags, "--lazy_preprocess", "True"]
+    lazy_flags[lazy_flags.index("--output_dir") + 1] = str(tmp_path / "lazy")
+    done = subprocess.run(
+        [sys.executable, "-m", "chatsft.train", *lazy_flags],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "lazy" / "audit.json").read_text())["train"] == audit
+    assert "train audit:" in done.stdout + done.stderr
+
+
+def test_help_says_what_each_data_flag_accepts(capsys):
+    from chatsft.training.config import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in [
+        "--data-path DATA_PATH [DATA_PATH ...] Training data, one source each: .json (a list or JSON Lines), "
+        ".jsonl or .parquet files",
+        "folders written by datasets' save_to_disk, or Hub dataset names (org/name[:split], through "
+        "datasets.load_dataset, where the network allows)",
+        "--datasets DATASETS [DATASETS ...] A mixture, instead of or beside --data_path",
+        "[EVAL_DATA_PATH ...] Evaluation data: files, folders or Hub names, as --data_path.",
+    ]:
+        assert phrase in text
 
 
 @pytest.mark.slow

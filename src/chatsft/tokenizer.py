@@ -181,7 +181,8 @@ def add_encoder_arguments(parser) -> None:
         nargs="+",
         required=True,
         metavar="FILE",
-        help="conversation files (.json, .jsonl, .parquet; ShareGPT or OpenAI messages)",
+        help="conversation files (.json, .jsonl, .parquet; ShareGPT or OpenAI messages), folders of them, "
+        "datasets save_to_disk folders, or Hub dataset names (org/name[:split], where the network allows)",
     )
     parser.add_argument(
         "--model_name_or_path", required=True, metavar="PATH", help="model or tokenizer folder (local)"

@@ -18,7 +18,11 @@ from chatsft.records import printable, read_conversations
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "files", nargs="+", metavar="FILE", help=".json, .jsonl or .parquet conversation files"
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help=".json, .jsonl or .parquet conversation files, folders of them, datasets save_to_disk folders, "
+        "or Hub dataset names (org/name[:split], where the network allows)",
     )
     parser.add_argument(
         "--rejects", metavar="FILE", help="write every rejected record with its reason as JSONL"
