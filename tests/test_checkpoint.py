@@ -103,7 +103,7 @@ def test_the_safetensors_check_reads_only_the_header(tmp_path):
 
     path = tmp_path / "model.safetensors"
     save_file({"a": torch.ones(4), "b": torch.zeros(2, 3)}, str(path))
-    assert ck._safetensors_problem(path) is None
+    assert ck.safetensors_problem(path) is None
     whole = path.read_bytes()
     for damaged, reason in [
         (whole[:-1], "but its header describes"),
@@ -112,7 +112,7 @@ def test_the_safetensors_check_reads_only_the_header(tmp_path):
         (whole[:8] + b"x" * (len(whole) - 8), "unreadable header"),
     ]:
         path.write_bytes(damaged)
-        assert reason in ck._safetensors_problem(path)
+        assert reason in ck.safetensors_problem(path)
 
 
 def test_checkpoint_10_comes_after_checkpoint_9(tmp_path):
@@ -398,3 +398,105 @@ def test_plot_loss_with_no_points_never_touches_pyplot(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "empty.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+# ---- what the final check must not reject, and damage the checkpoint hashes must catch ------------------
+
+REMOTE_CONFIG = """from transformers import LlamaConfig
+
+
+class RemoteTinyConfig(LlamaConfig):
+    model_type = "chatsft_remote_tiny"
+"""
+REMOTE_MODEL = """from transformers import LlamaForCausalLM
+
+from .configuration_remote_tiny import RemoteTinyConfig
+
+
+class RemoteTinyForCausalLM(LlamaForCausalLM):
+    config_class = RemoteTinyConfig
+"""
+
+
+def _remote_code_model_folder(tok, folder: Path) -> Path:
+    """A model whose classes live in its own folder (as Baichuan's and Yuan2's): `auto_map` in config.json."""
+    from chatsft.training.tiny import build_model
+
+    build_model(tok, hidden_size=32, layers=1, heads=2).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "configuration_remote_tiny.py").write_text(REMOTE_CONFIG)
+    (folder / "modeling_remote_tiny.py").write_text(REMOTE_MODEL)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "chatsft_remote_tiny"
+    config["architectures"] = ["RemoteTinyForCausalLM"]
+    config["auto_map"] = {
+        "AutoConfig": "configuration_remote_tiny.RemoteTinyConfig",
+        "AutoModelForCausalLM": "modeling_remote_tiny.RemoteTinyForCausalLM",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_remote_code_model_is_saved_and_reloaded_with_trust_remote_code(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = _tokenizer()
+    base = _remote_code_model_folder(tok, tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True)
+    assert type(model).__name__ == "RemoteTinyForCausalLM"
+    trainer = _trainer(tok, tmp_path / "run", max_steps=1, model=model)
+    trainer.args.save_strategy = "no"
+    trainer.train()
+    out = _save(trainer, tok, tmp_path / "final", trust_remote_code=True)
+    assert (out / "modeling_remote_tiny.py").is_file()  # the code travels with the weights
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert type(reloaded).__name__ == "RemoteTinyForCausalLM"
+    assert all(torch.equal(t, model.state_dict()[k]) for k, t in reloaded.state_dict().items())
+
+
+def test_a_nan_in_an_unused_row_is_saved_and_named(trained, tmp_path, caplog):
+    import torch
+
+    _, trainer, tok = trained
+    embed = trainer.model.get_input_embeddings().weight
+    before = embed.data[3].clone()
+    embed.data[3, 0] = float("nan")  # a row no example uses: a NaN there must not discard the model
+    try:
+        with caplog.at_level("WARNING", logger="chatsft"):
+            out = _save(trainer, tok, tmp_path / "final")
+    finally:
+        embed.data[3] = before
+    assert (out / fin.FINAL_MARKER_NAME).is_file()
+    nan_line = "the final model's tensor model.embed_tokens.weight holds 1 NaN values (saved as trained)"
+    assert nan_line in caplog.text
+    from safetensors.torch import load_file
+
+    assert torch.isnan(load_file(out / "model.safetensors")["model.embed_tokens.weight"][3, 0])
+
+
+def test_a_tensor_that_differs_after_reload_is_named_with_its_nans(tmp_path):
+    import torch
+
+    want = torch.tensor([1.0, float("nan"), 3.0])
+    fin._compare_state_dicts({"w": want.clone()}, {"w": want}, tmp_path)  # NaN == NaN, bit for bit
+    with pytest.raises(RuntimeError) as err:
+        fin._compare_state_dicts({"w": torch.tensor([1.0, float("nan"), 4.0])}, {"w": want}, tmp_path)
+    assert str(err.value) == (
+        f"final model in {tmp_path}: tensor w differs from the trained model after reload (the trained "
+        "tensor holds 1 NaN values)"
+    )
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "model.safetensors", "rng_state.pth", "scheduler.pt"])
+def test_a_flipped_byte_anywhere_voids_the_checkpoint(run_copy, name):
+    """Same size, same first 64 KiB: only a whole-file hash sees it."""
+    path = run_copy / "checkpoint-10" / name
+    data = bytearray(path.read_bytes())
+    at = len(data) - 5  # past any header
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert ck.checkpoint_problem(run_copy / "checkpoint-10") == (
+        f"{name} changed after it was saved (its SHA-256 differs)"
+    )
+    assert ck.find_resume_checkpoint(run_copy)[0] == run_copy / "checkpoint-8"

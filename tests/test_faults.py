@@ -13,9 +13,14 @@ cross the epoch boundary), a checkpoint every 2 steps.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
+import re
+import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -35,7 +40,7 @@ from chatsft_runs import (
 )
 
 from chatsft.training.checkpoint import MARKER_NAME, checkpoint_problem
-from chatsft.training.final import FINAL_MARKER_NAME
+from chatsft.training.final import FINAL_MARKER_NAME, FINAL_TMP_NAME
 from chatsft.training.preempt import PreemptionCallback
 
 MAX_STEPS, SAVE_STEPS = 10, 2
@@ -241,3 +246,213 @@ def test_preemption_callback_outside_the_main_thread_installs_nothing():
     thread.start()
     thread.join()
     assert result == [False] and signal.getsignal(signal.SIGTERM) is before
+
+
+# ---- the final save, a full disk -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_final_save_finishes_it(setup, reference):
+    """With --save_strategy no the final save is the only copy of the training: a SIGTERM during it waits."""
+    out = setup.root / "sigterm-final"
+    argv = flags(setup, out, "--save_strategy", "no")
+    with Launch(command(argv, driver=["--slow-final", "1"]), setup.root / "sigterm-final.log") as launch:
+        launch.wait_for(lambda: (out / FINAL_TMP_NAME / "model.safetensors").is_file(), "the final save")
+        launch.proc.send_signal(signal.SIGTERM)
+        rc = launch.wait()
+        output = launch.output()
+    assert rc == 0, output[-3000:]
+    assert "SIGTERM arrived during the final save: the save was completed first" in output
+    assert (out / FINAL_MARKER_NAME).is_file() and not (out / FINAL_TMP_NAME).exists()
+    final = weights(out)
+    assert all(torch.equal(final[k], reference["weights"][k]) for k in reference["weights"])
+    rc, output = run(command(argv), setup.root / "sigterm-final2.log")  # the same command: nothing left to do
+    assert rc == 0 and "already holds the final model of this same run: nothing to train" in output
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: int):
+    """A tmpfs of `size` bytes at `folder` (root only: mount(2)); skips the test where none can be mounted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill `disk` until `leave` bytes are free."""
+    filler = disk / "filler"
+    free = shutil.disk_usage(disk).free
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+DISK_FULL = re.compile(
+    r"^chatsft train: error: no space left on the disk of --output_dir (\S+) \(.* free\) while writing "
+    r"(.+): (the newest complete checkpoint is checkpoint-\d+|no checkpoint is complete yet)(; an earlier "
+    r"final model in it is unchanged)?\. Free space \(or lower --save_total_limit\), then run the same "
+    r"command to resume$"
+)
+DISK_REFUSED = "needed for 2 checkpoints"  # pre-flight saw too little space: refused before training
+TRIALS = int(os.environ.get("CHATSFT_FAULT_TRIALS", "1"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(TRIALS))
+def test_a_disk_that_fills_at_a_random_byte(setup, reference, tmp_path, trial):
+    """The output folder on a 4 MiB tmpfs, filled to leave a random number of bytes (seeded per trial): the
+    run stops with one line naming where space ran out (or pre-flight refuses it); freed, the same command
+    resumes and ends with the uninterrupted run's weights."""
+    rng = random.Random(1000 + trial)
+    with small_disk(tmp_path / "disk", 4 << 20) as disk:
+        out = disk / "out"
+        argv = flags(setup, out, "--save_total_limit", "2")
+        filler = fill(disk, rng.randrange(1300 << 10, 2300 << 10))  # checkpoints are ~700 KB
+        rc, output = run(command(argv), tmp_path / "full.log")
+        last = output.strip().splitlines()[-1]
+        if rc == 0:
+            outcome = "finished"  # the space left was enough after all
+        elif DISK_REFUSED in last:
+            assert rc == 2 and "Traceback" not in output, output[-3000:]
+            outcome = "refused by pre-flight"
+        else:
+            assert rc == 1 and "Traceback" not in output, output[-3000:]
+            assert DISK_FULL.match(last), last
+            outcome = f"full while writing {DISK_FULL.match(last).group(2)}"
+        print(f"trial {trial}: {shutil.disk_usage(disk).free} bytes free at the end: {outcome}")
+        filler.unlink()
+        rc, output = run(command(argv), tmp_path / "freed.log")
+        assert rc == 0, output[-3000:]
+        final = weights(out)
+        assert all(torch.equal(final[k], reference["weights"][k]) for k in reference["weights"]), outcome
+
+
+# ---- random trials over a whole run ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_seconds(setup, reference):
+    """How long an uninterrupted launch takes on this machine now (start to exit), to place random kills."""
+    began = time.monotonic()
+    rc, output = run(command(flags(setup, setup.root / "timing")), setup.root / "timing.log")
+    assert rc == 0, output[-3000:]
+    return time.monotonic() - began
+
+
+def _other_data(setup) -> Path:
+    other = setup.root / "other.json"
+    records = json.loads(setup.data.read_text())
+    records[1]["conversations"][1]["value"] = "Madrid, of course."
+    other.write_text(json.dumps(records))
+    return other
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(2 * TRIALS))
+def test_a_signal_at_a_random_moment_then_relaunch(setup, reference, reference_seconds, tmp_path, trial):
+    """SIGKILL or SIGTERM at a random moment of a whole run (start-up, training, checkpoints, the final save);
+    then a relaunch on changed data (refused by name when a checkpoint is there to resume), then the same
+    command, which must end with the uninterrupted run's weights."""
+    rng = random.Random(2000 + trial)
+    sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+    delay = rng.uniform(0.2, 1.0) * reference_seconds
+    out = tmp_path / "out"
+    argv = flags(setup, out)
+    with Launch(command(argv), tmp_path / "killed.log") as launch:
+        try:
+            launch.proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            launch.proc.send_signal(sig)
+        rc = launch.wait()
+        output = launch.output()
+    assert "Traceback" not in output, output[-3000:]
+    if rc == 143:
+        assert re.search(
+            r"stopped by SIGTERM after step \d+: .* is saved; run the same command to resume", output
+        )
+    elif rc == 0:
+        assert "saved the final model" in output or "SIGTERM arrived during the final save" in output
+    else:
+        assert rc in (-signal.SIGKILL, -signal.SIGTERM), output[-3000:]  # killed outright, or before training
+    outcome = f"{sig.name} after {delay:.1f} s of {reference_seconds:.1f} s: exit {rc}"
+
+    changed = list(argv)
+    changed[changed.index("--data_path") + 1] = str(_other_data(setup))
+    if (
+        any(checkpoint_problem(p) is None for p in checkpoints(out).values())
+        and not (out / FINAL_MARKER_NAME).exists()
+    ):
+        rc2, output2 = run(command(changed), tmp_path / "changed.log")
+        assert rc2 == 2, output2[-3000:]
+        last = output2.strip().splitlines()[-1]
+        assert last.startswith("chatsft train: error: cannot resume from ") and "(the data files)" in last, (
+            last
+        )
+        outcome += ", changed data refused"
+    rc3, output3 = run(command(argv), tmp_path / "relaunch.log")
+    assert rc3 == 0, output3[-3000:]
+    final = weights(out)
+    assert all(torch.equal(final[k], reference["weights"][k]) for k in reference["weights"]), outcome
+    assert logged(out) == reference["logged"]
+    print(f"trial {trial}: {outcome}, relaunch exit 0, weights identical")
+
+
+@pytest.mark.slow
+def test_a_flipped_byte_in_any_checkpoint_file_is_caught_and_resume_falls_back(setup, reference, tmp_path):
+    """One byte flipped at a random offset in every file of the newest checkpoints, in turn: each damaged
+    checkpoint is skipped by name; the relaunch resumes from the newest intact one and ends identical."""
+    rng = random.Random(3000)
+    out = tmp_path / "out"
+    shutil.copytree(setup.root / "reference", out)
+    (out / FINAL_MARKER_NAME).unlink()  # as if killed before the final save
+    flipped, outcomes = 0, {}
+    for step in (10, 8):
+        folder = out / f"checkpoint-{step}"
+        files = sorted(p for p in folder.iterdir() if p.name != MARKER_NAME)
+        for path in files:
+            original = path.read_bytes()
+            data = bytearray(original)
+            at = rng.randrange(len(data))
+            data[at] ^= 1 << rng.randrange(8)
+            path.write_bytes(bytes(data))
+            problem = checkpoint_problem(folder)
+            # named by its hash, or sooner by a check that reads it (trainer_state.json, a weights header)
+            assert problem is not None and problem.startswith(path.name), (path, at, problem)
+            reason = problem.split(" ", 1)[1]
+            outcomes[reason] = outcomes.get(reason, 0) + 1
+            path.write_bytes(original)  # each file is tested alone
+            flipped += 1
+        # leave one damaged file in this checkpoint for the relaunch
+        victim = rng.choice(files)
+        data = bytearray(victim.read_bytes())
+        data[rng.randrange(len(data))] ^= 0x80
+        victim.write_bytes(bytes(data))
+    assert flipped == 2 * len(files)
+    print(f"{flipped} flips: {outcomes}")
+    trace = tmp_path / "resume.trace"
+    rc, output = run(command(flags(setup, out), driver=["--trace", str(trace)]), tmp_path / "resume.log")
+    assert rc == 0, output[-3000:]
+    assert "skipping incomplete checkpoint" in output and f"resuming from {out / 'checkpoint-6'}" in output
+    assert_matches_reference(out, trace, reference, resumed_from=6)
+
+
+@pytest.mark.slow
+def test_two_launches_at_once_into_one_folder(setup, reference, tmp_path):
+    """Started together: one trains to the end, the other stops with one line naming it; nothing mixed."""
+    out = tmp_path / "out"
+    with (
+        Launch(command(flags(setup, out)), tmp_path / "a.log") as a,
+        Launch(command(flags(setup, out)), tmp_path / "b.log") as b,
+    ):
+        codes = sorted([a.wait(), b.wait()])
+        outputs = a.output() + b.output()
+    assert codes == [0, 2], outputs[-3000:]
+    assert re.search(
+        r"chatsft train: error: --output_dir \S+ is in use by another run \(process \d+ on host", outputs
+    )
+    final = weights(out)
+    assert all(torch.equal(final[k], reference["weights"][k]) for k in reference["weights"])

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from chatsft_runs import make_setup, train_flags
 
 from chatsft.errors import ConfigError, DataError
 from chatsft.training.preflight import (
@@ -285,3 +286,77 @@ def test_run_preflight_all_checks_pass(monkeypatch, model_dir, tmp_path, write_f
             tokenizer=bpe_tokenizer,
             template="chatml",
         )
+
+
+# ---- what a user meets before any data is encoded (the train command, in this process) ---------------
+
+
+@pytest.fixture(scope="module")
+def train_setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("preflight-train"), dropout=0.0, n=4)
+
+
+def _train(setup, out, *extra, model=None):
+    from chatsft.commands.train import cli
+
+    argv = train_flags(setup, out, cache=setup.root / "cache", max_steps=1, accumulation=1, save_steps=1)
+    if model is not None:
+        argv[argv.index("--model_name_or_path") + 1] = str(model)
+    return cli([*argv, *extra])
+
+
+def _last_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("cut", ["empty", "truncated"])
+def test_a_cut_off_model_download_fails_before_the_data_is_encoded(train_setup, tmp_path, capsys, cut):
+    model = tmp_path / "model"
+    shutil.copytree(train_setup.base, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"" if cut == "empty" else weights.read_bytes()[:-100])
+    size = weights.stat().st_size
+    assert _train(train_setup, tmp_path / "out", model=model) == 2
+    problem = (
+        "model.safetensors is 0 bytes, shorter than a safetensors header"
+        if cut == "empty"
+        else f"model.safetensors is {size} bytes but its header describes {size + 100}"
+    )
+    assert _last_error(capsys) == (
+        f"chatsft train: error: --model_name_or_path {model}: {problem}; download or save the model again"
+    )
+    assert not (tmp_path / "out").exists() and not (train_setup.root / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, value, line",
+    [
+        ("--per_device_train_batch_size", "0", "--per_device_train_batch_size must be at least 1, got 0"),
+        ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps must be at least 1, got 0"),
+        ("--learning_rate", "nan", "--learning_rate must be a finite number >= 0, got nan"),
+        ("--max_invalid_ratio", "-1", "--max_invalid_ratio must be between 0 and 1, got -1.0"),
+        (
+            "--model_max_length",
+            "-5",
+            "--model_max_length must be at least 2 tokens (a reply and its end-of-turn marker), got -5",
+        ),
+    ],
+)
+def test_impossible_numbers_are_one_line_before_anything_loads(
+    train_setup, tmp_path, capsys, flag, value, line
+):
+    assert _train(train_setup, tmp_path / "out", flag, value) == 2
+    assert _last_error(capsys) == f"chatsft train: error: {line}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fifo_as_data_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "data.json"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError) as err:
+        check_data_files([fifo])
+    assert str(err.value) == (
+        f"--data_path {fifo}: not a regular file (a pipe or a device); give a .json, .jsonl or .parquet file"
+    )

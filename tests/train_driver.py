@@ -11,6 +11,8 @@
   file written, the completion marker not. A real SIGKILL, as an outside kill at that moment would be.
 --slow-marker SECONDS: sleep before each completion marker is written (a wide window for an outside kill).
 --dump-data FILE: write this rank's dataset ids and the ids of its first epoch's batches (`{rank}` as above).
+--slow-final SECONDS: sleep inside the final save, after the files are written to its hidden folder and before
+  they are checked and moved into place (a wide window for a signal during the final save).
 """
 
 from __future__ import annotations
@@ -120,6 +122,18 @@ def _install_dump_data(path: str) -> None:
     ChatTrainer.get_train_dataloader = get_train_dataloader
 
 
+def _install_slow_final(seconds: float) -> None:
+    import chatsft.training.final as final
+
+    original = final._verify_folder
+
+    def verify(*args, **kwargs):
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    final._verify_folder = verify
+
+
 def main(argv: list[str]) -> int:
     split = argv.index("--")
     ours, flags = argv[:split], argv[split + 1 :]
@@ -133,6 +147,8 @@ def main(argv: list[str]) -> int:
         _install_dump_data(options["--dump-data"])
     if "--slow-marker" in options:
         _install_slow_marker(float(options["--slow-marker"]))
+    if "--slow-final" in options:
+        _install_slow_final(float(options["--slow-final"]))
     from chatsft.commands.train import cli
 
     return cli(flags)

@@ -66,6 +66,18 @@ class Audit:
             else:
                 self.turns_missing_stop[end.marker] = self.turns_missing_stop.get(end.marker, 0) + 1
 
+    def add_read(self, report) -> None:
+        """Count the records that validation rejected before encoding (a `records.ReadReport`), so that the
+        audit covers every record read: `records` becomes the records read, `rejected` holds both kinds."""
+        self.records += report.rejected_total
+        for reason, n in report.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + n
+        first = report.first_problem
+        if first is not None and first.reason in report.rejected:
+            self.first_rejected.setdefault(
+                first.reason, first.id if first.id is not None else str(first.index)
+            )
+
     @property
     def ok(self) -> bool:
         return not self.turns_missing_stop

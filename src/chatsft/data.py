@@ -122,6 +122,8 @@ def build_datasets(
         target = policy.rejects_path if side == "train" else policy.for_eval().rejects_path
         if target and (entry / name).is_file():
             Path(target).parent.mkdir(parents=True, exist_ok=True)
+            if os.path.islink(target):  # replace a link itself: never write through it to its target
+                os.unlink(target)
             shutil.copyfile(entry / name, target)
     for side in SIDES:
         if side in manifest["reports"]:

@@ -347,6 +347,8 @@ class _RejectsFile:
             raise DataError(f"cannot write rejected records to {self.path}: {parent} is a file")
         try:
             parent.mkdir(parents=True, exist_ok=True)
+            if os.path.islink(self.path):  # replace the link itself: never write through it to its target
+                os.unlink(self.path)
             self.file = open(
                 self.path, "w", encoding="utf-8", errors="backslashreplace"
             )  # closed by __exit__

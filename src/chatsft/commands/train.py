@@ -137,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     if preemption.stopped_at is not None:
         say(preemption.farewell(args.output_dir, args.overwrite_output_dir))
         return preemption.exit_code
-    say(f"training done: {result.global_step} steps, final train loss {result.training_loss:.4f}")
-    if split.eval is not None:
-        say(f"eval loss {trainer.evaluate().get('eval_loss', float('nan')):.4f}")
-    with disk_full_is_one_line(args.output_dir, rerun=rerun), finishing_save(say):
+    with disk_full_is_one_line(args.output_dir, rerun=rerun), finishing_save(say):  # a SIGTERM waits for it
+        say(f"training done: {result.global_step} steps, final train loss {result.training_loss:.4f}")
+        if split.eval is not None:
+            say(f"eval loss {trainer.evaluate().get('eval_loss', float('nan')):.4f}")
         final = save_run(trainer, tokenizer, encoder, split, Path(args.output_dir), model_args, manifest)
     say(f"saved the final model to {final} (loads with AutoModelForCausalLM/AutoTokenizer; curve: loss.png)")
     return 0

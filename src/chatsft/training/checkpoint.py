@@ -81,7 +81,7 @@ def list_files(folder: Path, skip: tuple[str, ...] = ()) -> list[str]:
     )
 
 
-def _safetensors_problem(path: Path) -> str | None:
+def safetensors_problem(path: Path) -> str | None:
     """Why `path` is not a whole safetensors file, from its header alone (no tensor data is read)."""
     size = path.stat().st_size
     if size < 8:
@@ -117,7 +117,7 @@ def _trainer_state_problem(folder: Path, step: int | None, source: str) -> str |
 def _weights_problem(folder: Path) -> str | None:
     """Why the weights in `folder` cannot be loaded: a cut-off safetensors file, a missing shard, or none at all."""
     for path in sorted(folder.rglob("*.safetensors")):
-        if (problem := _safetensors_problem(path)) is not None:
+        if (problem := safetensors_problem(path)) is not None:
             return problem
     for index in sorted(folder.glob("*.index.json")):
         try:

@@ -54,8 +54,11 @@ def acquire_run_lock(output_dir: str | os.PathLike, *, writer: bool = True) -> l
         return [f"run lock skipped: {path.parent} does not support file locks ({err.strerror or err})"]
     previous = _holder(fd)
     me = {"host": socket.gethostname(), "pid": os.getpid()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+    except OSError:  # a full disk: the lock holds without its label (the label only names the holder)
+        pass
     _held[path] = fd
     atexit.register(release_run_lock, path.parent)  # a clean exit leaves an empty file: no "took over" notice
     notices = _remove_stale_temporaries(path.parent)
@@ -86,5 +89,7 @@ def release_run_lock(output_dir: str | os.PathLike) -> None:
     let a third launch lock a new file while a second one waits on the old."""
     fd = _held.pop(Path(output_dir).resolve() / LOCK_NAME, None)
     if fd is not None:
-        os.ftruncate(fd, 0)
-        os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)

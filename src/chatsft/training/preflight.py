@@ -206,6 +206,11 @@ def check_data_files(paths: Iterable[str | os.PathLike], *, flag: str = "--data_
             except FileError as e:
                 raise DataError(f"{flag} {path}: {e.detail}") from None
             continue
+        if not path.is_file():  # a FIFO or a device: reading a byte would block, or never end
+            raise DataError(
+                f"{flag} {path}: not a regular file (a pipe or a device); give a .json, .jsonl or .parquet "
+                "file"
+            )
         if path.suffix.lower() not in DATA_SUFFIXES:
             raise DataError(
                 f"{flag} {path}: expected .json, .jsonl or .parquet, got {path.suffix or 'no extension'!r}"
@@ -217,6 +222,24 @@ def check_data_files(paths: Iterable[str | os.PathLike], *, flag: str = "--data_
             raise DataError(f"{flag} {path}: cannot be read: {err.strerror or err}") from None
         if not first:
             raise DataError(f"{flag} {path}: the file is empty")
+
+
+# ---- model weights ----------------------------------------------------------------------------------------
+
+
+def check_model_weights(model_path: str | os.PathLike) -> None:
+    """A local model folder's safetensors files are whole (headers read, no tensor data): a truncated or empty
+    download fails here, before the data is encoded, instead of inside `from_pretrained` minutes later."""
+    from chatsft.training.checkpoint import safetensors_problem
+
+    folder = Path(os.path.expanduser(os.fspath(model_path)))
+    if not folder.is_dir():
+        return
+    for path in _safetensors_files(folder):
+        if not path.is_file():
+            raise ConfigError(f"--model_name_or_path {folder}: {path.name} is missing (named in its index)")
+        if (problem := safetensors_problem(path)) is not None:
+            raise ConfigError(f"--model_name_or_path {folder}: {problem}; download or save the model again")
 
 
 # ---- template and tokenizer --------------------------------------------------------------------------------
@@ -307,6 +330,8 @@ def run_preflight(
     # first: a mistyped data path should not leave an output folder behind
     check_data_files(data_paths, flag="--data_path")
     check_data_files(eval_data_paths or (), flag="--eval_data_path")
+    if model_path is not None:
+        check_model_weights(model_path)
     out = check_output_dir(output_dir)
     if lora:
         notices.append("disk check skipped: LoRA checkpoints hold only the adapter")
