@@ -666,3 +666,16 @@ def test_two_torchrun_launchers_encode_once_and_train_on_identical_examples(tmp_
     seen = [i for d in data for batch in d["batches"] for i in batch]
     assert sorted(seen) == sorted(data[0]["ids"])  # each example once per epoch, on one rank or the other
     print(f"two launchers: {first_step:.1f} s from launch to the first training step")
+
+
+def test_the_audit_counts_every_record_read_the_rejected_ones_too(bpe_tokenizer, write_file, tmp_path):
+    """5 read, 3 rejected by validation: audit.json says records 5 and names the rejections (issue: it said 2)."""
+    bad = [{"id": f"bad{i}", "conversations": [{"from": "human", "value": "?"}]} for i in range(3)]
+    path = write_file("mixed.json", records(2) + bad)
+    encoder = Encoder(VICUNA, bpe_tokenizer, "assistant_turns", 2048)
+    for _ in range(2):  # encoded, then loaded from the cache: the same audit
+        split = build(encoder, [path], tmp_path, policy=ReadPolicy(max_invalid_ratio=0.9))
+        audit = json.loads(split.audit_json())["train"]
+        assert (audit["records"], audit["examples"]) == (5, 2)
+        assert audit["rejected"] == {"no_assistant_turn": 3}
+        assert audit["first_rejected"] == {"no_assistant_turn": "bad0"}

@@ -32,6 +32,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -303,6 +304,12 @@ def _encode_entry(plan: _Plan, entry: Path, policy: ReadPolicy, num_workers, pro
             with pa.OSFile(str(tmp / "train.arrow"), "wb") as sink, pa.ipc.new_stream(sink, _schema()):
                 pass
             writers["train"] = None
+        for (
+            side,
+            report,
+        ) in reports.items():  # the records validation rejected: the audit counts every one read
+            if report is not None:
+                audits[side].add_read(report)
         manifest = _manifest(plan, reports, counts, audits, per_source, sample, tmp, writers, rows)
         cache.publish(tmp, entry, manifest)
     except BaseException as err:
