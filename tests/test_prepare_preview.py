@@ -170,13 +170,6 @@ def test_preview_terminal_and_html(write_file, mistral_dir, tmp_path, capsys):
     assert "\033[30;42m" in out and "record c " in out and "Be terse." not in out  # coloured token by token
     assert preview(data, mistral_dir, "--index", "9") == 2
     assert "3 accepted records" in capsys.readouterr().err
-    missing = tmp_path / "no-such-folder" / "p.html"
-    assert preview(data, mistral_dir, "--index", "1", "--html", str(missing)) == 2
-    err = capsys.readouterr().err
-    assert (
-        err.strip().splitlines()[-1].endswith(f"--html {missing}: cannot write it: No such file or directory")
-    )
-    assert "Traceback" not in err
 
 
 def test_preview_reports_a_rejected_record(write_file, mistral_dir, tmp_path, capsys):
