@@ -70,6 +70,31 @@ def test_check_counts_tools_and_reasoning(write_file, capsys):
     ]
 
 
+def test_check_counts_per_file(write_file, capsys):
+    from chatsft.commands.cli import main
+
+    a = write_file(
+        "a.json", [{"id": n, **ACCEPTED[n][0]} for n in ("reasoning_content", "weight_zero_and_one")]
+    )
+    b = write_file(
+        "b.json", [{"id": n, **ACCEPTED[n][0]} for n in ("parallel_calls_with_ids", "tools_as_json_string")]
+    )
+    assert main(["check", str(a), str(b)]) == 0
+    assert capsys.readouterr().out.split("tools and reasoning (accepted records)\n")[1].splitlines() == [
+        "  records with tools      2",
+        "  tool definitions        4",
+        "  records with tool calls 2",
+        "  tool calls              3",
+        "  tool messages           2",
+        "  records with reasoning  1",
+        "  replies with reasoning  1",
+        "  replies of weight 0     1",
+        f"  {a}: records with reasoning 1, replies with reasoning 1, replies of weight 0 1",
+        f"  {b}: records with tools 2, tool definitions 4, records with tool calls 2, tool calls 3, "
+        "tool messages 2",
+    ]
+
+
 def test_parquet_rows_with_null_fields(tmp_path):
     """Parquet gives every message every field (null where absent) and arguments as structs or strings."""
     import pyarrow as pa

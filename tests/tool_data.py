@@ -590,6 +590,19 @@ REJECTED = {
         1,
         "call 0's `arguments` holds a lone surrogate U+D800 at character 0",
     ),
+    "sharegpt_merged_call_then_user": (
+        {
+            "conversations": [
+                sg("human", "2+3?"),
+                sg("gpt", "Adding."),
+                sg("function_call", '{"name": "add"}'),
+                sg("human", "?"),
+            ]
+        },
+        "missing_tool_result",
+        3,
+        "the tool calls of turn 1 have no result",
+    ),
     "sharegpt_observation_first": (
         {"conversations": [sg("human", "Hi"), sg("observation", "5"), sg("gpt", "Hello")]},
         "tool_without_call",

@@ -103,37 +103,54 @@ def to_messages(
     names = {t["function"]["name"] for t in tools} if tools else None
     messages: list[dict] = []
     origin: list[int] = []
+    other_role, other_content = ("role", "content") if sharegpt else ("from", "value")
+    plain = True  # no tool call or result so far: only roles repeating need checking
     for n, turn in enumerate(turns):
-        if not isinstance(turn, dict):
+        if type(turn) is not dict:
             raise Reject("turn_not_an_object", f"the turn is a JSON {type_name(turn)}, expected an object", n)
-        rk = _first_key(turn, role_key, "role", "from")
+        rk = role_key if role_key in turn else other_role if other_role in turn else None
         if rk is None:
             raise Reject("missing_role", f"no `{role_key}` field", n)
         name = turn[rk]
-        role = ROLE_ALIASES.get(name.lower()) if isinstance(name, str) else None
+        lowered = name.lower() if type(name) is str else None
+        role = ROLE_ALIASES.get(lowered)
         if role is None:
             raise Reject("unknown_role", f"`{rk}` is {shown(name)}; known: {', '.join(ROLE_ALIASES)}", n)
-        ck = _first_key(turn, content_key, "content", "value")
-        if name.lower() == "function_call":
+        ck = content_key if content_key in turn else other_content if other_content in turn else None
+        content = turn[ck] if ck is not None else None
+        if (
+            len(turn) == 2
+            and type(content) is str
+            and content
+            and not content.isspace()
+            and lowered != "function_call"
+        ):
+            # the common turn, {role, text} and nothing else: the checks below, done at once
+            if not content.isascii():
+                unicode_ok(content, f"`{ck}`", n)
+            message = {"role": role, "content": content}
+        elif lowered == "function_call":
             message = _function_call_turn(turn, ck, n, names)
         elif role == "assistant":
             message = _assistant(turn, ck, content_key, n, names)
         else:
             message = _plain(turn, role, ck, content_key, n)
-        if message["role"] == "system" and (n != 0 or top_system):
+        if role == "system" and (n != 0 or top_system):
             why = "a top-level `system` is also given" if n == 0 else "a system turn is allowed only first"
             raise Reject("system_not_first", why, n)
-        if name.lower() == "function_call" and messages and messages[-1]["role"] == "assistant":
+        if lowered == "function_call" and messages and messages[-1]["role"] == "assistant":
             _merge(messages[-1], message, n)
+            plain = False
             continue
+        if len(message) > 2 or role == "tool":
+            plain = False
+        elif plain and messages and messages[-1]["role"] == role and role != "system":
+            raise Reject("repeated_role", f"two {role} turns in a row (turns {origin[-1]} and {n})", n)
         messages.append(message)
         origin.append(n)
-    _check_order(messages, origin)
+    if not plain:  # tool calls and results have an order of their own
+        _check_order(messages, origin)
     return messages, origin
-
-
-def _first_key(turn: dict, *keys: str) -> str | None:
-    return next((k for k in keys if k in turn), None)
 
 
 def _plain(turn: dict, role: str, ck: str | None, content_key: str, n: int) -> dict:

@@ -131,6 +131,7 @@ class ReadReport:
 
     # accepted records: "records with tools", "tool calls", "tool messages", "replies with reasoning", ...
     features: Counter = field(default_factory=Counter)
+    features_by_source: dict[str, Counter] = field(default_factory=dict)  # the same, per file
 
     def add(self, conv: Conversation, dropped: int) -> None:
         """Count one accepted record."""
@@ -138,6 +139,9 @@ class ReadReport:
         self.leading_assistant_dropped += dropped
         messages = conv.messages
         self.turn_histogram[len(messages) - (messages[0]["role"] == "system")] += 1
+        if conv.tools is None and all([len(m) == 2 for m in messages]):  # no reasoning, calls (so no tool
+            self.characters += sum([len(m["content"]) for m in messages])  # results), weights
+            return
         self.characters += sum([len(m["content"]) + len(m.get("reasoning_content", "")) for m in messages])
         calls = sum([len(m.get("tool_calls", ())) for m in messages])
         tool_messages = sum([m["role"] == "tool" for m in messages])
@@ -147,6 +151,7 @@ class ReadReport:
         for name, n in zip(FEATURES, (*counts, reasoning > 0, reasoning, unweighted)):
             if n:
                 self.features[name] += n
+                self.features_by_source.setdefault(conv.source, Counter())[name] += n
 
     @property
     def rejected_total(self) -> int:
@@ -174,6 +179,10 @@ class ReadReport:
         if self.features:
             lines.append("tools and reasoning (accepted records)")
             lines += [f"  {name:<24}{self.features[name]}" for name in FEATURES if self.features[name]]
+            if len(self.files) > 1:  # per data set, when there are several
+                for source, counts in self.features_by_source.items():
+                    each = ", ".join(f"{name} {counts[name]}" for name in FEATURES if counts[name])
+                    lines.append(printable(f"  {source}: {each}"))
         return "\n".join(lines)
 
     def write_rejects(self, path: str | os.PathLike) -> None:
