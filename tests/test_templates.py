@@ -304,6 +304,7 @@ GOLDEN_REAL = {
     "llama-3": ("llama3_1", "llama3_tokenizer"),
     "qwen2.5": ("qwen2_5", "qwen_tokenizer"),
     "qwen3": ("qwen3", "qwen_tokenizer"),
+    "qwen3-2507": ("qwen3_instruct_2507", "qwen_tokenizer"),
     "gemma": ("gemma", "gemma_tokenizer"),
     "gemma-3": ("gemma3", "gemma_tokenizer"),
     "phi-3": ("phi3", "phi3_tokenizer"),

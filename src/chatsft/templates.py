@@ -181,6 +181,7 @@ REAL_TEMPLATES = (
     ),
     _real("qwen2.5", QWEN, tools=True, notes="Qwen2.5's default system prompt when there is none."),
     _real("qwen3", (*QWEN, "<think>", "</think>"), tools=True, reasoning=True),
+    _real("qwen3-2507", QWEN, tools=True, notes="Qwen3-Instruct-2507: Qwen3 without thinking."),
     _real("gemma", GEMMA, notes="Gemma and Gemma 2: the template refuses a system message."),
     _real("gemma-3", GEMMA, notes="Gemma 3: system text opens the first user turn."),
     _real("phi-3", PHI3),
