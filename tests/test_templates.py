@@ -6,6 +6,7 @@ any Jinja template is tested in test_jinja_templates)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -442,3 +443,12 @@ def test_a_jinja_builtin_trains_what_the_familys_own_tokenizer_trains(request, n
                 assert whole[0].input_ids == list(ids), (name, k)
                 checked += 1
     assert checked >= (0 if name.startswith("deepseek") else 5)  # DeepSeek: the think-opening prompt
+
+
+def test_readme_lists_every_builtin_in_the_families_table_and_the_flag():
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Chat templates (model families)")[1].split("\n## ")[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    assert sorted(re.findall(r"`([^`]+)`", "".join(rows))) == sorted(BUILTINS)
+    flag = readme.split("- `--conv_template`:")[1].split("\n- ")[0]
+    assert set(BUILTINS) <= set(re.findall(r"`([^`]+)`", flag))
