@@ -35,6 +35,9 @@ Choices where the formats are silent or disagree:
   checked when the calls carry ids).
 - Text that is not valid Unicode (a lone surrogate such as `"\\ud800"`, which JSON can spell but no tokenizer
   can encode) rejects the record (`bad_unicode`), wherever it is.
+
+The module is longer than most because each field (role, text, reasoning, weight, calls, arguments, results,
+tool schemas) has checks of its own; all serve the one job of turning a record's turns into messages.
 """
 
 from __future__ import annotations
