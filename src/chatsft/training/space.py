@@ -1,11 +1,12 @@
 """A full disk while saving is one line: where the space ran out, what is kept, and that the run can resume.
 
-The writers fail each in their own words: `OSError` ENOSPC (json, os.replace), safetensors' `SafetensorError`
-("No space left on device" inside its IoError), torch's zip writer ("PytorchStreamWriter failed writing file
-...: file write failed", the errno lost). `disk_full_is_one_line` turns any of them, raised while training
-(checkpoints) or during the final save, into a `ChatsftError` naming the disk, the file or save being written,
-the newest complete checkpoint (or that the previous final model is unchanged), and the command to run once
-space is freed. A cut-off checkpoint has no completion marker, so the relaunch skips it by itself.
+The writers fail each in their own words: `OSError` ENOSPC (json, os.replace), safetensors'
+`SafetensorError` ("No space left on device" inside its IoError), torch's zip writer ("file write failed",
+"unexpected pos", the errno lost: taken for a full disk only when the disk is nearly full).
+`disk_full_is_one_line` turns any of them, raised while training (checkpoints) or during the final save,
+into a `ChatsftError` naming the disk, the file or save being written, the newest complete checkpoint (or
+that the previous final model is unchanged), and the command to run once space is freed. A cut-off
+checkpoint has no completion marker, so the relaunch skips it by itself.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from pathlib import Path
 from chatsft.errors import ChatsftError
 
 _FULL_WORDS = ("No space left on device", "StorageFull", "Disk quota exceeded", "QuotaExceeded")
-_TORCH_WRITE = "file write failed"  # torch.save's zip writer drops the errno
+# torch.save's zip writer drops the errno: "file write failed", "unexpected pos 576 vs 534", "iostream error"
+_TORCH_WRITE = ("file write failed", "unexpected pos", "iostream error")
 _NEARLY_FULL = 64 << 20  # torch's message is only taken for a full disk when less than this is free
 
 
@@ -42,7 +44,7 @@ def is_disk_full(exc: BaseException, output_dir: str | os.PathLike) -> bool:
         text = str(e)
         if any(word in text for word in _FULL_WORDS):
             return True
-        if _TORCH_WRITE in text:
+        if any(words in text for words in _TORCH_WRITE):
             with contextlib.suppress(OSError):
                 return shutil.disk_usage(output_dir).free < _NEARLY_FULL
     return False
