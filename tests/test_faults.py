@@ -456,3 +456,13 @@ def test_two_launches_at_once_into_one_folder(setup, reference, tmp_path):
     )
     final = weights(out)
     assert all(torch.equal(final[k], reference["weights"][k]) for k in reference["weights"])
+
+
+def test_the_stop_line_says_how_to_resume_a_run_started_with_overwrite(tmp_path):
+    callback = PreemptionCallback()
+    callback.signum, callback.stopped_at = signal.SIGTERM, 6
+    assert callback.farewell(tmp_path, overwrite=True) == (
+        f"stopped by SIGTERM after step 6: {tmp_path / 'checkpoint-6'} is saved; run the same command without "
+        "--overwrite_output_dir to resume (exit code 143)"
+    )
+    assert "; run the same command to resume (exit code 143)" in callback.farewell(tmp_path)
