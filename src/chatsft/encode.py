@@ -29,6 +29,7 @@ import bisect
 import itertools
 import json
 import operator
+import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -396,20 +397,16 @@ class Encoder:
         return self._backends["naive"]
 
     def _plain_backend(self):
-        """A copy of the backend that matches no added token but `_PRIME` (built on first use: few records
-        need it)."""
+        """A copy of the backend that matches no added token but `_PRIME`, built on first use (few records
+        need it) and shared by every encoder of the same tokenizer (copying a 150k vocabulary takes
+        seconds)."""
         if self._backends.get("plain") is None:
-            from tokenizers import AddedToken, Tokenizer
-
-            source = json.loads(self.tokenizer.backend_tokenizer.to_str())
-            source["post_processor"] = source["truncation"] = source["padding"] = None
-            for t in source["added_tokens"]:
-                t["special"] = True
-            _no_phantom_space(source["pre_tokenizer"])
-            plain = Tokenizer.from_str(json.dumps(source))
-            plain.encode_special_tokens = True
-            plain.add_tokens([AddedToken(_PRIME, special=False, normalized=False)])
-            self._backends["plain"] = (plain, plain.token_to_id(_PRIME))
+            key = self.tokenizer.backend_tokenizer
+            cached = _PLAIN.get(key)
+            if cached is None or cached[0] != key.get_vocab_size(with_added_tokens=True):
+                cached = (key.get_vocab_size(with_added_tokens=True), *_plain_copy(key))
+                _PLAIN[key] = cached
+            self._backends["plain"] = cached[1:]
         return self._backends["plain"]
 
     def _plain(self, piece: str, start: int) -> list[tuple[int, tuple[int, int]]]:
@@ -478,6 +475,39 @@ def _label_by_segment(segments, starts, ids, spans, train_all):
             if k >= 0 and tok_ends[k] > starts[i]:
                 last[seg.turn] = k
     return labels, last, None
+
+
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # backend -> (size, plain copy, prime id)
+
+
+def _plain_copy(backend):
+    from tokenizers import AddedToken, Tokenizer
+
+    source = json.loads(backend.to_str())
+    source["post_processor"] = source["truncation"] = source["padding"] = None
+    for t in source["added_tokens"]:
+        t["special"] = True
+    _no_phantom_space(source["pre_tokenizer"])
+    source["normalizer"] = _no_prepend(source["normalizer"])
+    plain = Tokenizer.from_str(json.dumps(source))
+    plain.encode_special_tokens = True
+    plain.add_tokens([AddedToken(_PRIME, special=False, normalized=False)])
+    return plain, plain.token_to_id(_PRIME)
+
+
+def _no_prepend(node):
+    """Older Llama-2/Mistral exports normalize with Prepend('▁') (+ Replace(' ', '▁')), which puts a '▁'
+    before every piece between added tokens, so a control token spelled in a message and re-encoded as text
+    after `_PRIME` would gain a space the data lacks (`<answer></s>` -> `<answer> </s>`): the plain copy
+    drops it."""
+    if not isinstance(node, dict):
+        return node
+    if node.get("type") == "Prepend":
+        return None
+    if node.get("type") == "Sequence":
+        kept = [n for n in map(_no_prepend, node.get("normalizers", [])) if n is not None]
+        return {**node, "normalizers": kept}
+    return node
 
 
 def _no_phantom_space(node) -> None:

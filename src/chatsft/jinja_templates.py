@@ -243,8 +243,9 @@ class JinjaTemplate:
                 raise
             try:  # the template concatenates arguments as text (DeepSeek): give them as JSON text
                 examples, notes = self._plan(texts, trained, tools, per_turn)
-            except RenderError:
-                raise err from None
+            except RenderError as again:
+                # the template took the text: its next objection is the record's problem
+                raise (err if again.reason == "template_error" else again) from None
             notes["records whose tool-call arguments the template takes as JSON text"] += 1
             return examples, notes
 
@@ -291,31 +292,37 @@ class JinjaTemplate:
 
     def _turn(self, messages, k: int, tools, notes: Counter) -> Turn:
         """Assistant message k by the rule: context, trained completion, separators, end-of-turn token."""
-        context, _ = self._render(messages[:k], tools, True)
+        context, context_data = self._render(messages[:k], tools, True)
         full, data = self._render(messages[: k + 1], tools, False)
         message = messages[k]
         if full.startswith(context):
-            completion, rest_at, shift = full[len(context) :], len(context), 0
+            completion = full[len(context) :]
+        elif not (think := _THINK_OPEN.search(context)) or not full.startswith(context[: think.start()]):
+            # the reply does not continue the generation prompt (DeepSeek-V3 after tool results writes
+            # `<｜tool▁outputs▁end｜>` there, but `<｜Assistant｜>` before a tool call): the reply as the
+            # template writes it, from where the two renderings part, trains after the inference context
+            at = self._parting(context, full)
+            completion, shift = full[at:], len(context) - at
+            notes["replies that do not continue the generation prompt (trained after it as written)"] += 1
+            data = context_data + tuple((s + shift, e + shift) for s, e in data if s >= at)
         else:
-            think = _THINK_OPEN.search(context)
-            if not think or not full.startswith(context[: think.start()]):
-                raise RenderError(
-                    "generation_prompt_not_in_reply",
-                    f"the generation prompt before message {k} is not how the template starts the reply",
-                )
             reasoning = _reasoning(message).strip("\n")
             rest = full[think.start() :]
             lead = len(rest) - len(rest.lstrip("\n"))
             completion = reasoning + _THINK_CLOSE + rest[lead:]
-            rest_at, shift = think.start() + lead, len(context) + len(reasoning) + len(_THINK_CLOSE)
-            shift -= rest_at
+            rest_at = think.start() + lead
+            shift = len(context) + len(reasoning) + len(_THINK_CLOSE) - rest_at
             what = "with its reasoning" if reasoning else "with an empty think block"
             notes[f"replies written after a think-opening generation prompt, {what}"] += 1
             pattern = _control_pattern(self.control_tokens)
-            data = tuple(
-                (len(context) + m.start(), len(context) + m.end())
-                for m in (pattern.finditer(reasoning) if pattern else ())
-            ) + tuple((s + shift, e + shift) for s, e in data if s >= rest_at)
+            data = (
+                context_data
+                + tuple(
+                    (len(context) + m.start(), len(context) + m.end())
+                    for m in (pattern.finditer(reasoning) if pattern else ())
+                )
+                + tuple((s + shift, e + shift) for s, e in data if s >= rest_at)
+            )
         base = len(context)
         data = tuple(sorted((s, e) for s, e in data))
         end, marker = None, ""
@@ -336,6 +343,21 @@ class JinjaTemplate:
             if problem:
                 raise RenderError("tool_call_not_rendered", f"message {k}: {problem}")
         return Turn(k, context, trained, completion[end:], marker, data)
+
+    def _parting(self, context: str, full: str) -> int:
+        """Where two renderings part: their common prefix, backed off to the start of a control token it
+        would cut."""
+        at = 0
+        for a, b in zip(context, full):
+            if a != b:
+                break
+            at += 1
+        for text in (context, full):
+            pattern = _control_pattern(self.control_tokens)
+            for m in pattern.finditer(text, max(0, at - 64), at + 64) if pattern else ():
+                if m.start() < at < m.end():
+                    at = m.start()
+        return at
 
 
 def refuse_unwritten(name: str, messages, tools=None, *, tools_ok=False, reasoning_ok=False) -> None:
