@@ -679,3 +679,31 @@ def test_the_audit_counts_every_record_read_the_rejected_ones_too(bpe_tokenizer,
         assert (audit["records"], audit["examples"]) == (5, 2)
         assert audit["rejected"] == {"no_assistant_turn": 3}
         assert audit["first_rejected"] == {"no_assistant_turn": "bad0"}
+
+
+def test_bad_input_in_any_source_is_one_line_naming_source_record_and_field(
+    bpe_tokenizer, write_file, tmp_path
+):
+    good = write_file("good.jsonl", "".join(json.dumps(r) + "\n" for r in records(3)))
+    bad_recs = records(3, prefix="b")
+    bad_recs[1]["dialog"] = bad_recs[1].pop("conversations")
+    bad_recs[1]["dialog"][1]["speaker"] = bad_recs[1]["dialog"][1].pop("from")
+    bad_recs[1]["dialog"][1]["speaker"] = "robot"
+    for r in (bad_recs[0], bad_recs[2]):
+        r["dialog"] = r.pop("conversations")
+        for t in r["dialog"]:
+            t["speaker"] = t.pop("from")
+    bad = write_file("bad.json", bad_recs)
+    sources = [
+        DataSource(str(good)),
+        DataSource(str(bad), weight=2, fields={"conversations": "dialog", "from": "speaker"}),
+    ]
+    encoder = Encoder(VICUNA, bpe_tokenizer)
+    with pytest.raises(DataError) as err:
+        build_datasets(encoder, sources=sources, cache_dir=tmp_path / "c", policy=ReadPolicy(strict=True))
+    assert str(err.value).startswith(f'{bad}:1 (id=b1) turn 1: unknown_role: `from` is "robot"; known: human')
+    assert str(err.value).endswith("(--strict stops at the first rejected record)")
+    assert [p for p in (tmp_path / "c").iterdir() if p.is_dir()] == []  # nothing half-written is left
+    with pytest.raises(DataError) as err:
+        build_datasets(encoder, sources=[DataSource(str(tmp_path / "gone.jsonl"))], cache_dir=tmp_path / "c")
+    assert str(err.value) == f"{tmp_path / 'gone.jsonl'}: file_missing: no such file"

@@ -190,11 +190,7 @@ class _Plan:
     def fingerprints(self, root: Path) -> list[list[str]]:
         """Per source, the fingerprint of each of its shards (a file's SHA-256, a `datasets` fingerprint)."""
         return [
-            [
-                fingerprint_of(f) or cache.file_fingerprint(f, root)
-                for f, m in self.owner[n >= self.n_train].items()
-                if m == n
-            ]
+            [_fingerprint(f, root) for f, m in self.owner[n >= self.n_train].items() if m == n]
             for n in range(len(self.sources))
         ]
 
@@ -257,6 +253,17 @@ class _Plan:
             LazyDataset([c for c, _ in ev], self.encoder, [self.encoders[n] for _, n in ev]) if ev else None
         )
         return train, evaluation
+
+
+def _fingerprint(source: str, root: Path) -> str:
+    try:
+        return fingerprint_of(source) or cache.file_fingerprint(source, root)
+    except FileError as e:
+        raise DataError(f"{source}: {e.reason}: {e.detail}") from None
+    except FileNotFoundError:
+        raise DataError(f"{source}: file_missing: no such file") from None
+    except OSError as e:
+        raise DataError(f"{source}: file_unreadable: {e.strerror or e}") from None
 
 
 def _counts() -> dict:
