@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from chatsft.commands.cli import main
 from chatsft.errors import ConfigError
 from chatsft.training.compat import translate_flags
 from chatsft.training.config import parse_args
+from chatsft.training.distributed import accelerator_visible
 
 VICUNA_7B = [
     "--model_name_or_path",
@@ -68,6 +71,7 @@ def gpu_like(monkeypatch):
     monkeypatch.setattr(ta, "is_torch_bf16_gpu_available", lambda: True)
     monkeypatch.setattr(ta, "is_torch_tf32_available", lambda: True)
     monkeypatch.setattr(ta, "enable_tf32", lambda enabled: None)
+    monkeypatch.setattr("chatsft.training.distributed.accelerator_visible", lambda: True)
 
 
 def test_fastchat_vicuna_flags_land(gpu_like):
@@ -235,3 +239,68 @@ def test_bad_config_and_unknown_flags(tmp_path):
         parse_args(
             ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o", "--nonsense", "1"]
         )
+
+
+# ---- the way a user meets a mistake: `chatsft train ...`, exit code 2, one line on stderr ----------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+BASE = ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o"]
+no_gpu = pytest.mark.skipif(accelerator_visible(), reason="what a machine without a GPU says")
+
+
+def train_error(argv, capsys) -> str:
+    assert main(["train", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1, captured.err
+    return captured.err.removeprefix("chatsft train: error: ").rstrip("\n")
+
+
+@no_gpu
+def test_gpu_recipe_on_cpu_says_every_conflict_once_with_the_flags_to_change(capsys):
+    recipe = ["--config", str(EXAMPLES / "vicuna.yaml")]
+    assert train_error(recipe, capsys) == (
+        "no GPU is visible, and these settings need one: --tf32 True, --fsdp 'full_shard auto_wrap'. To run "
+        "this recipe on CPU (a smoke test), add: --tf32 False --fsdp ''"
+    )
+    flash = [*recipe, "--fp16", "True", "--bf16", "False", "--attn_implementation", "flash_attention_2"]
+    assert train_error(flash, capsys) == (
+        "no GPU is visible, and these settings need one: --tf32 True, --fp16 True, --fsdp 'full_shard "
+        "auto_wrap', --attn_implementation flash_attention_2. To run this recipe on CPU (a smoke test), add: "
+        "--tf32 False --fp16 False --fsdp '' --attn_implementation sdpa (bf16 runs on CPU: --bf16 True)"
+    )
+    # the suggested flags are enough: `--fsdp ''` alone also drops the recipe's fsdp_config; bf16 stays on
+    _, _, train, _ = parse_args([*recipe, "--tf32", "False", "--fsdp", ""])
+    assert train.use_cpu is True and train.bf16 is True and not train.fsdp and train.fsdp_config is None
+    assert train.device_notices == ["no GPU is visible: training on CPU (as with --use_cpu True)"]
+    assert train.dataloader_pin_memory is False  # no pin_memory warning from every DataLoader
+
+
+def test_report_to_without_its_package_names_the_extra(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    assert train_error([*BASE, "--report_to", "wandb"], capsys) == (
+        "--report_to wandb needs a package that is not installed: pip install 'chatsft[wandb]' "
+        "(or --report_to none)"
+    )
+
+
+def test_abbreviated_flags_are_unknown_not_guessed(capsys):
+    assert train_error([*BASE, "--max_step", "1"], capsys) == (
+        "unknown arguments: --max_step 1 (see `chatsft train --help`)"
+    )
+
+
+def test_strategies_print_as_typed(capsys):
+    message = train_error(
+        [*BASE, "--load_best_model_at_end", "True", "--eval_strategy", "steps", "--save_strategy", "epoch"],
+        capsys,
+    )
+    assert message.endswith("but found Evaluation strategy: steps Save strategy: epoch")
+    _, _, train, _ = parse_args([*BASE, "--eval_strategy", "steps"])
+    with pytest.raises(ConfigError) as err:
+        train.check_eval_set(False)
+    assert str(err.value) == (
+        "--eval_strategy steps needs an eval set: give --eval_data_path or --train_ratio below 1"
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -150,3 +151,29 @@ def test_lora_bias_trains_the_chosen_biases(bias, trained_biases):
     assert notice.startswith(
         "LoRA r=2 alpha=16 dropout=0.0 on q_proj, v_proj" + ("" if bias == "none" else f", biases: {bias}")
     )
+
+
+def test_lora_adapter_loads_from_another_directory(tiny_dir, tmp_path, monkeypatch):
+    """The base model typed as a relative path, as `--model_name_or_path base` would be: the adapter folder must
+    still load with AutoModelForCausalLM from anywhere (peft records the base path as given)."""
+    import shutil
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(tiny_dir, tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_model("base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecation noise from peft's checkpointing probe
+        peft_model, _ = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    peft_model.save_pretrained("run/adapter")
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "adapter")
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert any("lora_A" in name for name, _ in loaded.named_parameters())

@@ -51,11 +51,12 @@ def setup(tmp_path_factory):
     return make_setup(tmp_path_factory.mktemp("multi"), dropout=0.0, bad_records=1)
 
 
-def flags(setup, out, cache, accumulation, *extra):
+def flags(setup, out, cache, accumulation, *extra, cpu=True):
     return train_flags(
         setup,
         out,
         cache=cache,
+        cpu=cpu,
         max_steps=MAX_STEPS,
         batch=BATCH,
         accumulation=accumulation,
@@ -76,7 +77,8 @@ def one_process(setup):
 @pytest.fixture(scope="module")
 def two_processes(setup):
     out = setup.root / "two"
-    argv = flags(setup, out, setup.root / "cache-two", ACCUMULATION)
+    # without --use_cpu where no GPU is visible: torchrun on a CPU machine must still form one gloo run
+    argv = flags(setup, out, setup.root / "cache-two", ACCUMULATION, cpu=torch.cuda.is_available())
     trace = setup.root / "two.{rank}.trace"
     rc, output = run(command(argv, driver=["--trace", str(trace)], nproc=2), setup.root / "two.log")
     assert rc == 0, output[-3000:]
@@ -144,6 +146,8 @@ def test_two_processes_write_everything_once(setup, one_process, two_processes):
     # only rank 0 prints; the data were encoded once, by rank 0, and rank 1 read them from its cache
     for notice in ("saved the final model", "training done: 6 steps", "read 33 records"):
         assert output.count(notice) == 1, notice
+    if not torch.cuda.is_available():
+        assert output.count("[chatsft] no GPU is visible: 2 CPU processes joined over gloo") == 1
     cache = setup.root / "cache-two"
     lines = output.splitlines()
     assert [x for x in lines if "encoded and cached" in x] == [

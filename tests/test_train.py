@@ -171,32 +171,65 @@ def test_split_eval_and_rejects(setup, tmp_path, capsys):
     records = conversations(20) + [{"id": "bad", "conversations": [{"from": "human", "value": "x"}]}]
     bad.write_text(json.dumps(records))
     out = tmp_path / "run"
-    assert (
-        main(
-            flags(
-                base,
-                bad,
-                out,
-                "--train_ratio",
-                "0.8",
-                "--eval_strategy",
-                "steps",
-                "--eval_steps",
-                "3",
-                "--max_steps",
-                "3",
-                "--save_strategy",
-                "no",
-            )
-        )
-        == 0
+    argv = flags(
+        base,
+        bad,
+        out,
+        "--train_ratio",
+        "0.8",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "3",
+        "--max_steps",
+        "3",
+        "--save_strategy",
+        "no",
+        "--eval_generations",
+        "2",
+        "--eval_generation_max_new_tokens",
+        "6",
     )
-    printed = capsys.readouterr().out
+    if not torch.cuda.is_available():  # a CPU machine needs no --use_cpu
+        del argv[argv.index("--use_cpu") : argv.index("--use_cpu") + 2]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "16 train, 4 eval" in printed
     rejected = [json.loads(x) for x in (out / "rejected.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rejected] == ["bad"]
     state = json.loads((out / "trainer_state.json").read_text())
-    assert any("eval_loss" in e for e in state["log_history"])
+    history = state["log_history"]
+
+    # evaluated once at step 3 (the last), not again after training; both losses named in the summary
+    assert [e["step"] for e in history if "eval_loss" in e] == [3]
+    losses = [e["loss"] for e in history if "loss" in e]
+    lines = printed.splitlines()
+    assert (
+        f"[chatsft] training done: 3 steps, average train loss {history[-1]['train_loss']:.4f}, last "
+        + (f"logged train loss {losses[-1]:.4f} (step 3)")
+        in lines
+    )
+    eval_loss = next(e["eval_loss"] for e in history if "eval_loss" in e)
+    assert f"[chatsft] eval loss {eval_loss:.4f} (step 3)" in lines
+    # logs print numbers, not quoted strings
+    logged = [x for x in lines if x.startswith("{'loss': ")]
+    assert len(logged) == 3 and logged[0].startswith(f"{{'loss': {float(f'{losses[0]:.4g}')}, 'grad_norm': ")
+    assert "'loss': '" not in printed
+
+    # two sampled replies to eval prompts at the evaluation: printed, kept in generations.jsonl
+    rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 3]
+    assert all(
+        r["prompt"].endswith(" ASSISTANT:") and r["reference"].startswith("The capital of ") for r in rows
+    )
+    assert [x for x in lines if x.startswith("[chatsft] eval generation ")] == [
+        f"[chatsft] eval generation {i}/2 at step 3: ...{r['prompt'][-60:]!r} -> {r['completion']!r}"
+        for i, r in enumerate(rows, 1)
+    ]
+    if not torch.cuda.is_available():
+        assert "[chatsft] no GPU is visible: training on CPU (as with --use_cpu True)" in lines
+    assert "pin_memory" not in captured.err
 
 
 def test_user_mistakes_are_one_line(setup, tmp_path):
@@ -219,7 +252,7 @@ def test_user_mistakes_are_one_line(setup, tmp_path):
         assert last.startswith("chatsft train: error:") and expected in last
 
 
-def test_lora_adapter_and_merged_save(setup, tmp_path):
+def test_lora_adapter_and_merged_save(setup, tmp_path, capsys):
     root, base, data, convs = setup
     out = tmp_path / "lora"
     assert (
@@ -254,3 +287,13 @@ def test_lora_adapter_and_merged_save(setup, tmp_path):
     )
     with torch.no_grad():
         assert torch.allclose(merged(**ids).logits, adapted(**ids).logits, atol=1e-5)
+
+    # `chatsft chat` talks to the adapter folder (it names its base by an absolute path) and to the merged one
+    from chatsft.commands.cli import main as chatsft
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France?\n")
+    for folder in (out, out / "merged"):
+        assert (
+            chatsft(["chat", "--model", str(folder), "--prompts", str(prompts), "--max_new_tokens", "4"]) == 0
+        )

@@ -24,6 +24,10 @@ COMMANDS = {
         "chatsft.commands.demo",
         "fine-tune a tiny model on the bundled sample conversations and show it answering",
     ),
+    "chat": (
+        "chatsft.commands.chat",
+        "talk to a saved model through its chat template (interactive, or --prompts FILE)",
+    ),
     "check": ("chatsft.commands.check", "validate conversation files and say what is wrong, where"),
     "prepare": (
         "chatsft.commands.prepare",
@@ -38,12 +42,14 @@ COMMANDS = {
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
-        prog="chatsft", description="Fine-tune causal language models into chat models."
+        prog="chatsft", description="Fine-tune causal language models into chat models.", allow_abbrev=False
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parsers = {}
     for name, (_, help_text) in COMMANDS.items():
-        parsers[name] = sub.add_parser(name, help=help_text, description=help_text, add_help=name != "train")
+        parsers[name] = sub.add_parser(
+            name, help=help_text, description=help_text, add_help=name != "train", allow_abbrev=False
+        )
     return parser, parsers
 
 

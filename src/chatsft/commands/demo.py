@@ -42,6 +42,7 @@ def sample_data_path() -> Path:
 def run(args: argparse.Namespace) -> int:
     from chatsft.records import read_conversations
     from chatsft.templates import get_template, render_text
+    from chatsft.training.generate import answers
     from chatsft.training.tiny import build_model, build_tokenizer
 
     start = time.perf_counter()
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         f"trained on {len(conversations)} sample conversations ({data})"
     )
 
-    before = answers(base)
+    before = answers(base, DEMO_PROMPTS)
     sys.stdout.flush()  # the child writes to the same stdout
     # the same program a user runs, as its own process (commands do not import each other)
     code = subprocess.call(
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if code != 0:
         return code
-    after = answers(trained)
+    after = answers(trained, DEMO_PROMPTS)
     print("\n[demo] the same prompts, through the saved chat template, before and after fine-tuning:\n")
     for prompt, old, new in zip(DEMO_PROMPTS, before, after):
         print(f"  USER: {prompt}\n    before: {old!r}\n    after:  {new!r}\n")
@@ -121,34 +122,3 @@ def run(args: argparse.Namespace) -> int:
         f"(loss curve: {trained / 'loss.png'}); load it with AutoModelForCausalLM.from_pretrained."
     )
     return 0
-
-
-def answers(folder: Path, prompts: list[str] = DEMO_PROMPTS, max_new_tokens: int = 32) -> list[str]:
-    """Greedy replies from a saved model folder, prompts formatted by its own chat template."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    model.eval()
-    replies = []
-    for prompt in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-        )
-        with torch.no_grad():
-            output = model.generate(
-                **ids,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=model.generation_config.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        replies.append(
-            tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        )
-    return replies

@@ -31,11 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     from chatsft.training.preempt import finishing_save, preemptible, rerun_hint
     from chatsft.training.preflight import run_preflight
     from chatsft.training.space import disk_full_is_one_line
+    from chatsft.training.reporting import run_summary
     from chatsft.training.trainer import build_trainer
 
     model_args, data_args, args, flag_notices = parse_args(argv)
     say = setup_notices(args.should_log)
-    announce(say, [f"flag: {notice}" for notice in flag_notices])
+    announce(say, [*(f"flag: {notice}" for notice in flag_notices), *args.device_notices])
     transformers.set_seed(args.seed)
     check_launch(args)
     check_fsdp_supported(args)
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         data_args,
         split,
         flash=(model_args.attn_implementation or "").startswith("flash"),
+        stop_ids=encoder.stop_ids,
     )
     announce(say, notices)
     attach_manifest(trainer, manifest)
@@ -138,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         say(preemption.farewell(args.output_dir, args.overwrite_output_dir))
         return preemption.exit_code
     with disk_full_is_one_line(args.output_dir, rerun=rerun), finishing_save(say):  # a SIGTERM waits for it
-        say(f"training done: {result.global_step} steps, final train loss {result.training_loss:.4f}")
-        if split.eval is not None:
-            say(f"eval loss {trainer.evaluate().get('eval_loss', float('nan')):.4f}")
+        announce(say, run_summary(trainer, result, evaluate=split.eval is not None))
         final = save_run(trainer, tokenizer, encoder, split, Path(args.output_dir), model_args, manifest)
     say(f"saved the final model to {final} (loads with AutoModelForCausalLM/AutoTokenizer; curve: loss.png)")
     return 0

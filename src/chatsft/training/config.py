@@ -9,6 +9,7 @@ are translated first by `chatsft.training.compat`.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,8 +207,28 @@ class TrainingArguments(transformers.TrainingArguments):
             "hyper-parameters) differs from this command's; the change is named in a notice."
         },
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "DDP's find_unused_parameters. False (chatsft's default): every parameter of a chat model "
+            "gets a gradient each step; set True for a model that skips some (a mixture of experts)."
+        },
+    )
+    eval_generations: int = field(
+        default=0,
+        metadata={
+            "help": "At each evaluation, sample replies to this many eval prompts and log them (printed, "
+            "generations.jsonl in output_dir, and the --report_to integrations)."
+        },
+    )
+    eval_generation_max_new_tokens: int = field(
+        default=64, metadata={"help": "Longest sampled reply with --eval_generations."}
+    )
 
     def __post_init__(self):
+        from chatsft.training.distributed import choose_cpu
+        from chatsft.training.reporting import check_report_to
+
         # one line each, before the model loads (transformers would fail late, or train on nothing)
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
@@ -219,7 +240,14 @@ class TrainingArguments(transformers.TrainingArguments):
                 f"--model_max_length must be at least 2 tokens (a reply and its end-of-turn marker), got "
                 f"{self.model_max_length}"
             )
+        # before the device is set up in super().__post_init__; said by the train command
+        self.device_notices = [n for n in [choose_cpu(self)] if n]
+        if not self.fsdp:
+            self.fsdp_config = None  # `--fsdp ''` alone turns FSDP off, whatever a --config file set
         super().__post_init__()
+        check_report_to(self.report_to)
+        if self.eval_generations < 0:
+            raise ConfigError(f"--eval_generations must be 0 or more, got {self.eval_generations}")
 
     def fill_model_max_length(self, config) -> list[str]:
         """FastChat defaults to 512; the model's own context is what users expect."""
@@ -231,9 +259,24 @@ class TrainingArguments(transformers.TrainingArguments):
     def check_eval_set(self, has_eval: bool) -> None:
         if not has_eval and self.eval_strategy != "no":
             raise ConfigError(
-                f"--eval_strategy {self.eval_strategy} needs an eval set: give --eval_data_path or "
+                f"--eval_strategy {_plain(self.eval_strategy)} needs an eval set: give --eval_data_path or "
                 "--train_ratio below 1"
             )
+        if not has_eval and self.eval_generations:
+            raise ConfigError(
+                "--eval_generations needs an eval set: give --eval_data_path or --train_ratio below 1"
+            )
+
+
+def _plain(value) -> str:
+    """`steps`, not `IntervalStrategy.STEPS`: an enum as the user typed it."""
+    return str(getattr(value, "value", value))
+
+
+def _plain_message(err: Exception) -> str:
+    """A transformers ValueError as one line, its enums as flag values (`IntervalStrategy.STEPS` -> `steps`)."""
+    text = " ".join(line.strip(" -") for line in str(err).splitlines() if line.strip())
+    return re.sub(r"\b[A-Z][A-Za-z]*(?:Strategy|Type)\.([A-Z_0-9]+)\b", lambda m: m.group(1).lower(), text)
 
 
 def parse_args(
@@ -249,13 +292,18 @@ def parse_args(
         prog="chatsft train",
         description="Fine-tune a causal LM on conversations. `--config FILE.yaml` reads flags from a YAML "
         "mapping (command-line flags override it); FastChat-era flags are translated with a notice.",
+        allow_abbrev=False,  # `--max_step 1` is a typo, not --max_steps
     )
+    from chatsft.training.distributed import check_gpu_settings
+
+    namespace, _ = parser.parse_known_args(argv)
+    check_gpu_settings(namespace)  # every GPU-only setting in one message, before any is refused alone
     try:
         model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True
         )
     except ValueError as err:  # TrainingArguments.__post_init__ checks combinations
-        raise ConfigError(str(err).splitlines()[0]) from None
+        raise ConfigError(_plain_message(err)) from None
     except ImportError as err:  # e.g. --deepspeed without the deepspeed package
         raise ConfigError(
             f"a flag needs a package that is not installed: {str(err).splitlines()[0]}"

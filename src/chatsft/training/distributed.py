@@ -194,6 +194,81 @@ def check_fsdp_supported(training_args) -> None:
         raise ConfigError(problem)
 
 
+def accelerator_visible() -> bool:
+    """Whether torch sees a GPU-class device (CUDA, ROCm, XPU, MPS, ...) or transformers an XLA one."""
+    import torch
+    from transformers.utils import is_torch_xla_available
+
+    accelerator = getattr(torch, "accelerator", None)
+    visible = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    return bool(visible) or is_torch_xla_available()
+
+
+def choose_cpu(training_args) -> str | None:
+    """With no GPU visible and no `--use_cpu`, set `use_cpu` (call before the device is set up); a notice.
+
+    Without it, torchrun on a CPU machine gives every process a world of one (see `check_launch`), and a single
+    process refuses `--bf16` and asks DataLoader to pin memory it cannot pin. With it, accelerate joins the
+    processes into one gloo run, and bf16 runs through CPU autocast.
+    """
+    if training_args.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+        return None
+    if accelerator_visible():
+        return None
+    training_args.use_cpu = True
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    where = f"{launched} CPU processes joined over gloo" if launched > 1 else "training on CPU"
+    return f"no GPU is visible: {where} (as with --use_cpu True)"
+
+
+def _flag(value) -> str:
+    import shlex
+
+    text = " ".join(value) if isinstance(value, (list, tuple)) else str(value)
+    return shlex.quote(text)
+
+
+def gpu_only_settings(namespace) -> list[tuple[str, str]]:
+    """The parsed flags (an argparse namespace of all three dataclasses) that need a GPU, as (given, change to).
+
+    Checked together before the arguments become dataclasses, since `TrainingArguments.__post_init__` and the
+    model loader would refuse them one at a time (tf32, then fsdp, then fp16 inside the Trainer, then flash
+    attention after the data is encoded).
+    """
+    from transformers.utils import is_torch_tf32_available
+
+    get = namespace.__dict__.get
+    found = []
+    if get("tf32") and not is_torch_tf32_available():
+        found.append(("--tf32 True", "--tf32 False"))
+    if get("fp16") or get("fp16_full_eval"):
+        found.append(("--fp16 True", "--fp16 False (bf16 runs on CPU: --bf16 True)"))
+    if get("fsdp"):
+        found.append((f"--fsdp {_flag(get('fsdp'))}", "--fsdp ''"))
+    if get("deepspeed"):
+        found.append((f"--deepspeed {_flag(get('deepspeed'))}", "--deepspeed ''"))
+    attn = get("attn_implementation") or ""
+    if "flash" in attn:
+        found.append((f"--attn_implementation {attn}", "--attn_implementation sdpa"))
+    return found
+
+
+def check_gpu_settings(namespace) -> None:
+    """Raise one `ConfigError` listing every setting that needs a GPU when none will be used, with the fix."""
+    cpu = bool(namespace.__dict__.get("use_cpu")) or not accelerator_visible()
+    found = gpu_only_settings(namespace) if cpu else []
+    if not found:
+        return
+    why = "--use_cpu is set" if namespace.__dict__.get("use_cpu") else "no GPU is visible"
+    raise ConfigError(
+        f"{why}, and {'this setting needs' if len(found) == 1 else 'these settings need'} one: "
+        + ", ".join(given for given, _ in found)
+        + ". To run this recipe on CPU (a smoke test), add: "
+        + " ".join(change.split(" (")[0] for _, change in found)
+        + "".join(f" ({change.split(' (', 1)[1]}" for _, change in found if " (" in change)
+    )
+
+
 def check_launch(training_args) -> None:
     """Raise `ConfigError` when the launcher started processes that accelerate did not join into one run.
 

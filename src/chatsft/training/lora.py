@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 from chatsft.errors import ConfigError
 
 
@@ -71,7 +74,15 @@ def apply_lora(
         **({"ensure_weight_tying": True} if tied and to_save else {}),
     )
     model.enable_input_require_grads()
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias: a FutureWarning meant for peft
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
+    for adapter in peft_model.peft_config.values():
+        # peft records the base as it was typed; a relative path breaks loading from any other directory
+        base = adapter.base_model_name_or_path
+        if base and Path(base).expanduser().is_dir():
+            adapter.base_model_name_or_path = str(Path(base).expanduser().resolve())
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     notice = (

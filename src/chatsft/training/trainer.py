@@ -13,8 +13,10 @@ from transformers import Trainer
 from chatsft.collate import PackedCollator, PackedDataset, PadCollator
 from chatsft.training.checkpoint import CheckpointMarker
 from chatsft.training.flops import mfu_notice, model_flops, peak_flops
+from chatsft.training.generations import EvalGenerations
 from chatsft.training.loss import causal_lm_loss, check_packing
 from chatsft.training.metrics import CountingCollator, ThroughputCallback, TokenMeter
+from chatsft.training.reporting import install_log_printer
 
 
 class ChatTrainer(Trainer):
@@ -41,9 +43,10 @@ class ChatTrainer(Trainer):
 
 
 def build_trainer(
-    model, tokenizer, args, data_args, split, *, flash: bool = False
+    model, tokenizer, args, data_args, split, *, flash: bool = False, stop_ids=()
 ) -> tuple[ChatTrainer, list[str]]:
-    """The run's Trainer over `split` (a `chatsft.data.Split`); returns it with notices."""
+    """The run's Trainer over `split` (a `chatsft.data.Split`); returns it with notices. `stop_ids` end the
+    replies sampled at evaluation (`--eval_generations`)."""
     notices = []
     train_dataset = split.train
     if data_args.packing:
@@ -75,6 +78,16 @@ def build_trainer(
         meter=meter,
     )
     ThroughputCallback.install(trainer, meter)
+    install_log_printer(trainer)
+    if args.eval_generations and split.eval is not None:
+        EvalGenerations.install(
+            trainer,
+            tokenizer,
+            split.eval,
+            count=args.eval_generations,
+            stop_ids=stop_ids,
+            max_new_tokens=args.eval_generation_max_new_tokens,
+        )
     return trainer, notices
 
 
