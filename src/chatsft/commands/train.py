@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     from chatsft.training.notices import announce, setup_notices
     from chatsft.training.preempt import finishing_save, preemptible, rerun_hint
     from chatsft.training.preflight import run_preflight
-    from chatsft.training.space import disk_full_is_one_line
     from chatsft.training.reporting import run_summary
+    from chatsft.training.space import disk_full_is_one_line
     from chatsft.training.trainer import build_trainer
 
     model_args, data_args, args, flag_notices = parse_args(argv)
