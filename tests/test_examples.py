@@ -60,6 +60,7 @@ def gpu_like(monkeypatch):
     monkeypatch.setattr(ta, "is_torch_bf16_gpu_available", lambda: True)
     monkeypatch.setattr(ta, "is_torch_tf32_available", lambda: True)
     monkeypatch.setattr(ta, "enable_tf32", lambda enabled: None)
+    monkeypatch.setattr("chatsft.training.distributed.accelerator_visible", lambda: True)
 
 
 def _tiny():

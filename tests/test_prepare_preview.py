@@ -225,3 +225,21 @@ def test_preview_shows_reasoning_tool_calls_and_results(write_file, qwen_tokeniz
     assert "\033[30;45m" in out or "\033[30;105m" in out  # trained reasoning
     assert "\033[30;46m" in out or "\033[30;106m" in out  # trained tool call
     assert "\033[33m" in out or "\033[2;33m" in out  # the tool result, untrained
+
+
+def test_prepare_defaults_to_the_model_context_as_train_does(write_file, tiny_dir, tmp_path, capsys):
+    from conftest import TINY_CTX
+
+    reply = " ".join(str(i) for i in range(100))  # digits: a token or two each, far past the context
+    long = {
+        "id": "long",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": reply}],
+    }
+    data = write_file("long.json", [long])
+    out = tmp_path / "out.jsonl"
+    assert prepare(data, tiny_dir, out, "--conv_template", "chatml") == 0
+    printed = capsys.readouterr().out
+    assert (
+        f"--model_max_length not given: using the model's context, {TINY_CTX} tokens" in printed.splitlines()
+    )
+    assert max(len(x["input_ids"]) for x in lines(out)) == TINY_CTX  # what train would cut it to

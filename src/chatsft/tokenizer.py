@@ -23,6 +23,9 @@ class PreparedTokenizer(NamedTuple):
     notices: list[str]
 
 
+FALLBACK_CONTEXT = 2048  # a config without max_position_embeddings, or a tokenizer-only folder
+
+
 def check_model_path(path, what: str) -> str:
     path = os.path.expanduser(os.fspath(path))
     if os.path.exists(path):
@@ -199,9 +202,10 @@ def add_encoder_arguments(parser) -> None:
     parser.add_argument(
         "--model_max_length",
         type=int,
-        default=2048,
+        default=None,
         metavar="N",
-        help="truncate examples to N tokens, keeping the start (default 2048, as train)",
+        help="truncate examples to N tokens, keeping the start (default, as train: the model's context, "
+        f"max_position_embeddings; {FALLBACK_CONTEXT} for a folder without config.json)",
     )
     parser.add_argument("--model_family", default=None, help="preset (yuan2, baichuan, baichuan2)")
     parser.add_argument(
@@ -213,16 +217,31 @@ def add_encoder_arguments(parser) -> None:
     )
 
 
+def context_length(config) -> int:
+    """The default `--model_max_length` of train, prepare and preview: the model's `max_position_embeddings`."""
+    return getattr(config, "max_position_embeddings", None) or FALLBACK_CONTEXT
+
+
 def load_encoder_from_args(args) -> LoadedEncoder:
     """`load_encoder` from the flags of `add_encoder_arguments`."""
     loss_mode = loss_mode_from_flags(
         args.loss_mode, args.efficient_loss, args.last_response_loss, args.split_example_loss
     )
-    return load_encoder(
+    max_length, notices = args.model_max_length, []
+    if max_length is None:  # what train would use, so that the examples shown are the ones it trains on
+        has_config = (Path(args.model_name_or_path) / "config.json").is_file()
+        max_length = context_length(load_config(args.model_name_or_path)) if has_config else FALLBACK_CONTEXT
+        notices.append(
+            f"--model_max_length not given: using the model's context, {max_length} tokens"
+            if has_config
+            else f"--model_max_length not given: {max_length} tokens (no config.json to read the context from)"
+        )
+    encoder, more = load_encoder(
         args.model_name_or_path,
         conv_template=args.conv_template,
         loss_mode=loss_mode,
-        model_max_length=args.model_max_length,
+        model_max_length=max_length,
         model_family=args.model_family,
         extra_special_tokens=args.add_special_tokens,
     )
+    return LoadedEncoder(encoder, [*notices, *more])

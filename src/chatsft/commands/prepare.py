@@ -41,8 +41,11 @@ def run(args) -> int:
     audit = Audit(stop_ids=encoder.stop_ids)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(conversations, desc="encoding", unit=" conversations", disable=None)  # off when not a terminal
     with open(out, "w", encoding="utf-8") as f:
-        for conv in conversations:
+        for conv in bar:
             result = encoder.encode(conv)
             audit.add(result)
             for example in result.examples:

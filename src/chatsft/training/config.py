@@ -253,7 +253,9 @@ class TrainingArguments(transformers.TrainingArguments):
         """FastChat defaults to 512; the model's own context is what users expect."""
         if self.model_max_length is not None:
             return []
-        self.model_max_length = getattr(config, "max_position_embeddings", None) or 2048
+        from chatsft.tokenizer import context_length
+
+        self.model_max_length = context_length(config)
         return [f"--model_max_length not given: using the model's context, {self.model_max_length} tokens"]
 
     def check_eval_set(self, has_eval: bool) -> None:
