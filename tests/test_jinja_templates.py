@@ -368,3 +368,68 @@ def test_masks_against_transformers_generation_masks(request, family):
         assert sum(compared.values()) >= 5, compared
     finally:
         tok.chat_template = None
+
+
+@pytest.mark.slow
+def test_train_a_tiny_model_with_a_qwen3_template_on_tool_and_reasoning_data(tmp_path):
+    """End to end: `chatsft train --conv_template tokenizer` with Qwen3's real template on tool and reasoning
+    records; the saved tokenizer carries that template, and its generation prompt with `tools=` is the
+    context the replies were trained after."""
+    import tool_data
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatsft.commands.train import main
+    from chatsft.training.tiny import TINY_SPECIAL_TOKENS, build_model, build_tokenizer
+
+    source = trl_template("qwen3")
+    records = [
+        {"messages": msgs, "tools": tools} if tools else {"messages": msgs}
+        for name, (_, msgs, tools) in tool_data.ACCEPTED.items()
+        if name in ("call_with_object_arguments", "parallel_calls_with_ids", "reasoning_and_tool_call")
+    ] + [{"messages": msgs} for msgs in reasoning_records().values()]
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records * 3), encoding="utf-8")
+    qwen_tokens = [
+        "<tool_call>",
+        "</tool_call>",
+        "<tool_response>",
+        "</tool_response>",
+        "<think>",
+        "</think>",
+    ]
+    texts = [json.dumps(r, ensure_ascii=False) for r in records] + [source]
+    tok = build_tokenizer(texts, vocab_size=400, special_tokens=TINY_SPECIAL_TOKENS + qwen_tokens)
+    tok.chat_template = source
+    base, out = tmp_path / "base", tmp_path / "out"
+    build_model(tok, hidden_size=32, layers=1, heads=2, max_positions=1024).save_pretrained(base)
+    tok.save_pretrained(base)
+    argv = ["--model_name_or_path", str(base), "--data_path", str(data), "--output_dir", str(out)]
+    argv += ["--conv_template", "tokenizer", "--model_max_length", "1024", "--max_steps", "3"]
+    argv += ["--per_device_train_batch_size", "4", "--use_cpu", "True", "--report_to", "none"]
+    argv += ["--save_strategy", "no", "--disable_tqdm", "True", "--cache_dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.chat_template == source
+    encoder = Encoder(JinjaTemplate.from_tokenizer(saved), saved)
+    audit = json.loads((out / "audit.json").read_text())["train"]
+    assert audit["rejected"] == {} and audit["turns_missing_stop"] == {} and audit["truncated"] == 0
+    assert audit["template_notes"]["records split into several examples"] == 3 * 3
+    record = records[0]  # a tool call and its result, then the answer
+    conv = Conversation("r", record["messages"], tools=record["tools"])
+    prompt = saved.apply_chat_template(
+        record["messages"][:3], tools=record["tools"], add_generation_prompt=True, return_dict=True
+    )
+    (example,) = [e for e in encoder.encode(conv).examples if e.id == "r"]
+    n = len(prompt["input_ids"])  # the reply trains right after exactly that prompt
+    assert example.input_ids[:n] == prompt["input_ids"]
+    assert example.labels[n - 1] == IGNORE_INDEX and example.labels[n] == example.input_ids[n]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    import torch
+
+    generated = model.generate(
+        torch.tensor([prompt["input_ids"]]),
+        max_new_tokens=4,
+        do_sample=False,
+        pad_token_id=saved.pad_token_id,
+    )
+    assert generated.shape[1] == len(prompt["input_ids"]) + 4 or saved.eos_token_id in generated[0].tolist()
