@@ -20,7 +20,8 @@ Lazy (FastChat's --lazy_preprocess): examples are encoded on access inside DataL
 conversations held in memory. Its audit comes from the same streamed pass, encoding without writing examples
 (cached like an eager entry): the audit's checks (a trained reply that does not end in a stop token, records
 rejected by the template, truncation) must be known before training starts, not after it; the price is one
-encoding pass up front, spread over the workers.
+encoding pass up front, spread over the workers (then a second read keeps the conversations; a later lazy or
+eager run with the same inputs takes the audit from the cache).
 
 The module is longer than most because the streamed pass is one piece: the plan (sources, encoders, split),
 the chunked encoding and the entry's manifest share their counts; the cache's own rules live in `cache`.
