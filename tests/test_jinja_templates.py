@@ -295,7 +295,16 @@ def check_record(tok, encoder, conv, family, stats):
             prompt_ids = oracle(tok, messages[:k], tools, add_generation_prompt=True, tokenize=True)
             if not spelled and example.input_ids[:first] == prompt_ids["input_ids"]:
                 stats["reply preceded by exactly the inference prompt's ids"] += 1
+            elif not spelled and not full_text_is_rendering(example, whole):
+                # no rendering of any conversation (DeepSeek's think examples): tokenized at the prompt's end,
+                # so the example starts with exactly the prompt's ids
+                assert example.input_ids[: len(prompt_ids["input_ids"])] == prompt_ids["input_ids"]
+                stats["think example starts with exactly the prompt's ids"] += 1
             stats["trained turns"] += 1
+
+
+def full_text_is_rendering(example, whole: str) -> bool:
+    return example.text == whole
 
 
 def trained_token_runs(example) -> list[tuple[int, int]]:

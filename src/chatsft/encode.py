@@ -314,8 +314,8 @@ class Encoder:
             a = bisect.bisect_right(starts, s) - 1
             return segments[a : max(a, bisect.bisect_right(starts, e - 1) - 1) + 1]
 
-        enc = self._naive().encode(text, add_special_tokens=False)
-        ids, spans = self._sanitize(text, enc.ids, enc.offsets, covered, segments, starts)
+        ids, offsets = self._tokenize(text, plan.cut)
+        ids, spans = self._sanitize(text, ids, offsets, covered, segments, starts)
         labels = list(ids) if train_all else [IGNORE_INDEX] * len(ids)
         ends, markers = [], dict(plan.markers)
         tok_ends = list(map(_END, spans))
@@ -336,6 +336,28 @@ class Encoder:
                 marker = markers.get(turn, "")
                 ends.append(TurnEnd(example_id, turn, hit[-1], ids[hit[-1]], marker, True))
         return Example(example_id, text, ids, labels, spans), ends
+
+    def _tokenize(self, text: str, cut: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """The text's ids and offsets, from one call; with `cut`, the context text[:cut] and the rest are
+        tokenized apart (so the context has the inference prompt's own ids) where the tokenizer adds nothing
+        at a string's start (no SentencePiece prefix space: byte-level BPE such as DeepSeek's)."""
+        backend = self._naive()
+        if cut and not self._prefix_kinds():
+            head = backend.encode(text[:cut], add_special_tokens=False)
+            tail = backend.encode(text[cut:], add_special_tokens=False)
+            return head.ids + tail.ids, head.offsets + [(s + cut, e + cut) for s, e in tail.offsets]
+        enc = backend.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def _prefix_kinds(self) -> str:
+        """What in the backend could add a prefix at a string's start (its pre-tokenizer and normalizer)."""
+        if "prefix_kinds" not in self._backends:
+            backend = self.tokenizer.backend_tokenizer
+            parts = (backend.pre_tokenizer, backend.normalizer)
+            found = b"".join(p.__getstate__() for p in parts if p is not None)
+            kinds = [k for k in (b"Metaspace", b"Prepend", b'"add_prefix_space":true') if k in found]
+            self._backends["prefix_kinds"] = " ".join(k.decode() for k in kinds)
+        return self._backends["prefix_kinds"]
 
     def _sanitize(self, text: str, ids: list[int], spans: list[tuple[int, int]], covered, segments, starts):
         """Replace each control token read from message text, and the rest of its piece (the text up to the

@@ -103,6 +103,9 @@ class Turn(NamedTuple):
     after: str  # the rest of the completion (separators)
     marker: str  # the end-of-turn token ("" when the completion has none)
     data: tuple[tuple[int, int], ...]  # control tokens spelled in data, as spans of context+trained+after
+    rendered: bool = (
+        True  # False: context+completion is no rendering of the template (a think block we wrote)
+    )
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,9 @@ class JinjaExample:
     data: tuple[tuple[int, int], ...]
     markers: tuple[tuple[int, str], ...]  # (turn, its end-of-turn token)
     turns: tuple[int, ...]
+    # > 0: the text is no rendering of the template (the reply follows a prompt it does not continue), so the
+    # encoder tokenizes the context (text[:cut]) on its own: the example starts with the prompt's own ids
+    cut: int = 0
 
 
 @dataclass(frozen=True)
@@ -285,7 +291,15 @@ class JinjaTemplate:
                 markers.append((k, t.marker))
             suffix = "" if last and not per_turn else f"#{replies.index(host.index)}"
             examples.append(
-                JinjaExample(suffix, text, tuple(spans), host.data, tuple(markers), tuple(members))
+                JinjaExample(
+                    suffix,
+                    text,
+                    tuple(spans),
+                    host.data,
+                    tuple(markers),
+                    tuple(members),
+                    0 if host.rendered else len(host.context),
+                )
             )
         _check_tools_rendered(tools, examples)
         return examples, notes
@@ -342,7 +356,7 @@ class JinjaTemplate:
             problem = _round_trip(trained, calls)
             if problem:
                 raise RenderError("tool_call_not_rendered", f"message {k}: {problem}")
-        return Turn(k, context, trained, completion[end:], marker, data)
+        return Turn(k, context, trained, completion[end:], marker, data, full.startswith(context))
 
     def _parting(self, context: str, full: str) -> int:
         """Where two renderings part: their common prefix, backed off to the start of a control token it
