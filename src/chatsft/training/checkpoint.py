@@ -1,14 +1,16 @@
 """Which checkpoint to resume from: checkpoints are complete (marked), adopted by name, or ignored.
 
 The HF Trainer writes `checkpoint-N` in place (no staging folder, no rename): model, then optimizer/scheduler/
-scaler, then each rank's RNG state, then `trainer_state.json`, then it rotates old checkpoints, then it calls the
-callbacks' `on_save`. A run killed on the way leaves a folder that looks like a checkpoint but is not one, and
-FastChat resumes from it. `CheckpointMarker` writes `chatsft-complete.json` at `on_save`, after all of that and
-after every rank has finished; a checkpoint counts as complete only with that marker, a matching
-`trainer_state.json` step, every listed file present at its recorded size and head hash, and whole safetensors
-files. A checkpoint another tool wrote (FastChat's) has no marker: one whose files look whole is resumed from when
-named with --resume_from_checkpoint, and stops an automatic fresh start that would otherwise overwrite it. The
-final save lives in `chatsft.training.final`.
+scaler, then each rank's RNG state, then `trainer_state.json`, then it rotates old checkpoints, then it calls
+the callbacks' `on_save`. A run killed on the way leaves a folder that looks like a checkpoint but is not one,
+and FastChat resumes from it. `CheckpointMarker` writes the run manifest and then `chatsft-complete.json` at
+`on_save`, after all of that and after every rank has finished; a checkpoint counts as complete only with that
+marker, a matching `trainer_state.json` step, every listed file present at its recorded size and whole-file
+SHA-256 (markers of format /1 carry the hash of the first 64 KiB only), and whole safetensors files. A
+checkpoint another tool wrote (FastChat's) has no marker: one whose files look whole is resumed from when
+named with --resume_from_checkpoint, and stops an automatic fresh start that would otherwise overwrite it.
+The final save lives in `chatsft.training.final`. (Over 300 lines: marking, checking and choosing are one
+protocol, kept in one place.)
 """
 
 from __future__ import annotations
