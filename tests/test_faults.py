@@ -336,11 +336,17 @@ def test_a_disk_that_fills_at_a_random_byte(setup, reference, tmp_path, trial):
 
 @pytest.fixture(scope="module")
 def reference_seconds(setup, reference):
-    """How long an uninterrupted launch takes on this machine now (start to exit), to place random kills."""
+    """(start-up, training and final save) seconds of an uninterrupted launch on this machine now: from launch
+    to the first trained micro-batch, and from there to exit; random kills are placed in these spans."""
+    trace = setup.root / "timing.trace"
     began = time.monotonic()
-    rc, output = run(command(flags(setup, setup.root / "timing")), setup.root / "timing.log")
-    assert rc == 0, output[-3000:]
-    return time.monotonic() - began
+    with Launch(
+        command(flags(setup, setup.root / "timing"), driver=["--trace", str(trace)]), setup.root / "t.log"
+    ) as launch:
+        launch.wait_for(lambda: trace_lines(trace) > 0, "the first micro-batch")
+        trained = time.monotonic()
+        assert launch.wait() == 0, launch.output()[-3000:]
+    return trained - began, time.monotonic() - trained
 
 
 def _other_data(setup) -> Path:
@@ -359,10 +365,15 @@ def test_a_signal_at_a_random_moment_then_relaunch(setup, reference, reference_s
     command, which must end with the uninterrupted run's weights."""
     rng = random.Random(2000 + trial)
     sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
-    delay = rng.uniform(0.2, 1.0) * reference_seconds
+    startup, training = reference_seconds
+    in_startup = rng.random() < 0.2  # most trials land in training, checkpoints and the final save
+    delay = rng.uniform(0, startup) if in_startup else rng.uniform(0, 1.1 * training)
     out = tmp_path / "out"
     argv = flags(setup, out)
-    with Launch(command(argv), tmp_path / "killed.log") as launch:
+    trace = tmp_path / "killed.trace"
+    with Launch(command(argv, driver=["--trace", str(trace)]), tmp_path / "killed.log") as launch:
+        if not in_startup:
+            launch.wait_for(lambda: trace_lines(trace) > 0, "the first micro-batch")
         try:
             launch.proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -378,7 +389,12 @@ def test_a_signal_at_a_random_moment_then_relaunch(setup, reference, reference_s
         assert "saved the final model" in output or "SIGTERM arrived during the final save" in output
     else:
         assert rc in (-signal.SIGKILL, -signal.SIGTERM), output[-3000:]  # killed outright, or before training
-    outcome = f"{sig.name} after {delay:.1f} s of {reference_seconds:.1f} s: exit {rc}"
+    where = (
+        f"{delay:.1f} s into start-up ({startup:.1f} s)"
+        if in_startup
+        else f"{delay:.1f} s into training ({training:.1f} s)"
+    )
+    outcome = f"{sig.name} {where}: exit {rc}"
 
     changed = list(argv)
     changed[changed.index("--data_path") + 1] = str(_other_data(setup))
@@ -462,7 +478,7 @@ def test_the_stop_line_says_how_to_resume_a_run_started_with_overwrite(tmp_path)
     callback = PreemptionCallback()
     callback.signum, callback.stopped_at = signal.SIGTERM, 6
     assert callback.farewell(tmp_path, overwrite=True) == (
-        f"stopped by SIGTERM after step 6: {tmp_path / 'checkpoint-6'} is saved; run the same command without "
-        "--overwrite_output_dir to resume (exit code 143)"
+        f"stopped by SIGTERM after step 6: {tmp_path / 'checkpoint-6'} is saved; run the same command "
+        "without --overwrite_output_dir to resume (exit code 143)"
     )
     assert "; run the same command to resume (exit code 143)" in callback.farewell(tmp_path)
