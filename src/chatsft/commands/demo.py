@@ -43,12 +43,12 @@ def sample_data_path() -> Path:
 def thread_env() -> dict[str, str]:
     """The demo's threads: one torch thread per process unless OMP_NUM_THREADS says otherwise.
 
-    The model is tiny (1.3M parameters, batches of about 1,300 tokens), so a second intra-op thread has little
-    to split and mostly waits for the first; on a busy machine the waiting is what costs. On the 2-core
-    development machine under load, 25 demo steps trained in 44 s with one thread and 209 s with torch's
-    default (one per core; 50 steps: 267 s and 907 s); quiet, the whole demo took 362 s with one thread and
-    227 s with two, a smaller loss than the busy case's gain. The 395 sample conversations encode in a fraction of
-    a second, so one preprocessing process, without the tokenizer's thread pool, is enough too.
+    The model is tiny (1.3M parameters, batches of about 1,300 tokens); on a busy machine a second intra-op
+    thread mostly waits for a core. On the 2-core development machine under load, 25 demo steps trained in
+    44 s with one thread and 209 s with torch's default (one per core; 50 steps: 267 s and 907 s); quiet, the
+    whole demo took 362 s with one thread and 227 s with two, a smaller loss than the busy case's gain. The
+    395 sample conversations encode in a fraction of a second, so one preprocessing process, without the
+    tokenizer's thread pool, is enough too.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
