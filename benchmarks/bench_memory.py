@@ -1,11 +1,12 @@
-"""Resident memory added by the training datasets: eager (memory-mapped Arrow) versus lazy (holds the conversations).
+"""Resident memory added by the training datasets: eager (memory-mapped Arrow) versus lazy (holds the
+conversations).
 
 FastChat's 500-conversation sample (`../shared/data/dummy_conversation.json`, or --data) is cycled to N
 conversations with distinct ids (default 100,000); Mistral-7B-v0.1's tokenizer, vicuna_v1.1, model_max_length
 2048. Each mode runs in a fresh Python process: it imports everything and loads the tokenizer, then reads RSS
 ("before"), calls `build_datasets`, reads 5 examples spread over the dataset plus `len()`, runs the garbage
-collector and reads RSS again ("after"). "peak" is the process's high-water mark (ru_maxrss) over the whole run,
-so it includes the transient cost of reading and validating the JSON file. Encoding workers are separate
+collector and reads RSS again ("after"). "peak" is the process's high-water mark (ru_maxrss) over the whole
+run, so it includes the transient cost of reading and validating the JSON file. Encoding workers are separate
 processes; their memory is not in these figures (they exit when encoding ends).
 
   eager, cold cache   build_datasets encodes (default workers) and writes the Arrow cache, then maps it
@@ -113,7 +114,8 @@ def main() -> None:
     for r in results:
         name = "lazy" if r["mode"] == "lazy" else f"eager, {'warm' if r['cache_hit'] else 'cold'} cache"
         print(
-            f"{name:<20}{r['examples']:>10,}{r['before']:>9.0f}{r['after']:>9.0f}{r['after'] - r['before']:>9.0f}"
+            f"{name:<20}{r['examples']:>10,}{r['before']:>9.0f}{r['after']:>9.0f}"
+            f"{r['after'] - r['before']:>9.0f}"
             f"{r['peak']:>9.0f}{r['seconds']:>9.1f}"
         )
 

@@ -6,13 +6,14 @@ mistral-common wheel), vicuna_v1.1, model_max_length 2048. Rows, all on the same
 
   raw fast tokenizer   `tokenizer(texts, add_special_tokens=False)`, one batch call on the already rendered
                        strings (no reading, no rendering, no masking): the ceiling
-  chatsft eager, cold  `build_datasets` into an empty cache folder (read, validate, render, encode, mask, audit,
-                       write Arrow), default workers (= CPU count)
+  chatsft eager, cold  `build_datasets` into an empty cache folder (read, validate, render, encode, mask,
+                       audit, write Arrow), default workers (= CPU count)
   chatsft eager, warm  the same call again: the cache hit
   FastChat-style       json.load + FastChat's `preprocess()` (fastchat/train/train.py) reproduced here: render
                        with Vicuna's get_prompt(), tokenize padded to model_max_length with the slow
                        SentencePiece tokenizer (transformers' Python `SentencePieceBackend`, legacy=True, as
-                       `use_fast=False` gave), then re-tokenize each turn and its instruction to patch the mask
+                       `use_fast=False` gave), then re-tokenize each turn and its instruction to patch the
+                       mask
   chatsft prepare      `chatsft prepare ... --output OUT.jsonl` in-process through the CLI entry point (one
                        process, writes JSON Lines with the rendered text and the audit); and again as a new
                        Python process, so with interpreter start and imports
@@ -53,7 +54,8 @@ IGNORE_TOKEN_ID = -100
 
 
 def fastchat_prompt(source: list[dict]) -> str:
-    """Conversation.get_prompt() for SeparatorStyle.ADD_COLON_TWO, roles USER/ASSISTANT, sep ' ', sep2 '</s>'."""
+    """Conversation.get_prompt() for SeparatorStyle.ADD_COLON_TWO, roles USER/ASSISTANT, sep ' ', sep2
+    '</s>'."""
     roles = {"human": "USER", "gpt": "ASSISTANT"}
     if roles[source[0]["from"]] != "USER":
         source = source[1:]  # skip the first one if it is not from human
@@ -115,7 +117,8 @@ def fastchat_preprocess(sources, tokenizer) -> dict:
 
 
 def slow_tokenizer(model_file: Path):
-    """transformers' Python SentencePiece tokenizer (what `use_fast=False` gave FastChat), legacy Llama rules."""
+    """transformers' Python SentencePiece tokenizer (what `use_fast=False` gave FastChat), legacy Llama
+    rules."""
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
     tok = SentencePieceBackend(
@@ -255,7 +258,8 @@ def main() -> None:
         "prepare_subprocess": f"{best['fastchat'] / best['prepare_subprocess']:.1f}x FastChat-style",
     }
     print(
-        f"\n{args.n:,} conversations ({chars:.0f} characters rendered, {facts['tokens'] / args.n:.0f} tokens each), "
+        f"\n{args.n:,} conversations ({chars:.0f} characters rendered, {facts['tokens'] / args.n:.0f} "
+        "tokens each), "
         f"Mistral-7B tokenizer, vicuna_v1.1, model_max_length {MAX_LENGTH}, {os.cpu_count()} CPUs, "
         f"best of {args.rounds} rounds"
     )
@@ -263,7 +267,8 @@ def main() -> None:
     for key, name in names.items():
         print(f"{name:<46}{best[key]:>9.2f}{args.n / best[key]:>10,.0f}  {notes.get(key, '')}")
     print(
-        f"(importing datasets/pyarrow took {imports:.2f} s before any timing; once per process, in no row but "
+        f"(importing datasets/pyarrow took {imports:.2f} s before any timing; once per process, in no row "
+        "but "
         "the last)"
     )
 

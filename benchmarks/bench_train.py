@@ -3,25 +3,28 @@
     .venv/bin/python benchmarks/bench_train.py [--lengths 512 2048] [--steps 20] [--warmup 3] [--rounds 2]
 
 A tiny Llama (`--hidden` 128, `--layers` 2, random weights) with the real 32000-token Mistral-7B SentencePiece
-tokenizer (from the mistral-common wheel), FastChat's dummy_conversation.json rendered with vicuna_v1.1, trained
-for `--warmup` + `--steps` optimizer steps at each model_max_length of `--lengths`. Variants:
+tokenizer (from the mistral-common wheel), FastChat's dummy_conversation.json rendered with vicuna_v1.1,
+trained for `--warmup` + `--steps` optimizer steps at each model_max_length of `--lengths`. Variants:
 
 - `pad-to-max`: FastChat's way, reproduced here: every example padded to model_max_length, the stock Trainer
   `compute_loss` (the model's own loss over every position's logits).
-- `dynamic`: chatsft `PadCollator` (pad to the longest example of the batch) + `ChatTrainer` (`causal_lm_loss`).
+- `dynamic`: chatsft `PadCollator` (pad to the longest example of the batch) + `ChatTrainer`
+  (`causal_lm_loss`).
 - `padding-free`: chatsft `PackedCollator` over each batch (one row, no padding): the default.
-- `packing`: chatsft `--packing`: `PackedDataset` rows of up to model_max_length (best-fit decreasing), 1 row/step.
-- `trl-padding-free`, `trl-packing`: TRL's `SFTTrainer` (`padding_free=True`; `packing=True`, bfd), with a Vicuna chat
-  template carrying `{% generation %}` markers and `assistant_only_loss=True`, run by `--trl-python` (a venv with
-  trl: `python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 -e . trl`). Skipped when absent.
+- `packing`: chatsft `--packing`: `PackedDataset` rows of up to model_max_length (best-fit decreasing), 1
+  row/step.
+- `trl-padding-free`, `trl-packing`: TRL's `SFTTrainer` (`padding_free=True`; `packing=True`, bfd), with a
+  Vicuna chat template carrying `{% generation %}` markers and `assistant_only_loss=True`, run by
+  `--trl-python` (a venv with trl: `python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0
+  -e . trl`). Skipped when absent.
 
 Batches are `--batch` examples (8), packed variants one row of up to model_max_length. Every variant runs in a
-fresh process (`--threads` torch threads) so that the peak RSS (`ru_maxrss`) is its own; variants are interleaved
-(all of one round, then the next). Every round trains the same batches in the same order, so each timed step
-keeps its fastest time over the rounds (other work on the machine only ever slows a step down). A step is timed
-from the end of the one before to its own end: data loading, collation, forward, backward and optimizer step.
-Counts come from the batches trained in that window: computed = positions run (padding included), tokens = real
-tokens, trained = targets in the loss (`labels[:, 1:] != -100`).
+fresh process (`--threads` torch threads) so that the peak RSS (`ru_maxrss`) is its own; variants are
+interleaved (all of one round, then the next). Every round trains the same batches in the same order, so each
+timed step keeps its fastest time over the rounds (other work on the machine only ever slows a step down). A
+step is timed from the end of the one before to its own end: data loading, collation, forward, backward and
+optimizer step. Counts come from the batches trained in that window: computed = positions run (padding
+included), tokens = real tokens, trained = targets in the loss (`labels[:, 1:] != -100`).
 """
 
 from __future__ import annotations
@@ -45,12 +48,14 @@ TRL_VARIANTS = ("trl-padding-free", "trl-packing")
 TEMPLATE = "vicuna_v1.1"
 SEED = 0
 
-# vicuna_v1.1 as chatsft renders it (`Template.jinja()`), with the trained part of each reply (" " + content + EOS)
-# inside {% generation %}: transformers' assistant mask (TRL's assistant_only_loss) then trains the same tokens.
+# vicuna_v1.1 as chatsft renders it (`Template.jinja()`), with the trained part of each reply (" " + content +
+# EOS) inside {% generation %}: transformers' assistant mask (TRL's assistant_only_loss) then trains the same
+# tokens.
 VICUNA_GENERATION = (
     "{%- if messages and messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}"
     "{%- set loop_messages = messages[1:] -%}{%- else -%}"
-    "{%- set system = 'A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "{%- set system = 'A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives "
     "helpful, detailed, and polite answers to the user\\'s questions.' -%}"
     "{%- set loop_messages = messages -%}{%- endif -%}"
     "{{- bos_token or '' -}}{%- if system -%}{{- system + ' ' -}}{%- endif -%}"
@@ -61,7 +66,7 @@ VICUNA_GENERATION = (
 )
 
 
-# ---- the parent: set up once, run every variant in its own process, print the table ----------------------------
+# ---- the parent: set up once, run every variant in its own process, print the table ------------------------
 
 
 def main() -> None:
@@ -255,7 +260,8 @@ def print_table(a, stats, variants, results) -> None:
     )
     for length, s in stats.items():
         print(
-            f"L={length}: {s['examples']} examples, {s['tokens']} tokens (mean {s['mean']:.1f}, max {s['max']}), "
+            f"L={length}: {s['examples']} examples, {s['tokens']} tokens (mean {s['mean']:.1f}, max "
+            f"{s['max']}), "
             f"{s['trained']} trained targets"
         )
     print(
@@ -310,8 +316,8 @@ def rates(r: dict) -> dict:
 
 
 def best(rs: list[dict]):
-    """Combine the rounds of one variant: each step's fastest time over the rounds (interference from other work
-    only ever slows a step down; every round trains the same batches in the same order)."""
+    """Combine the rounds of one variant: each step's fastest time over the rounds (interference from other
+    work only ever slows a step down; every round trains the same batches in the same order)."""
     ok = [r for r in rs if "error" not in r]
     if not ok:
         return None
@@ -323,7 +329,7 @@ def best(rs: list[dict]):
     return {**combined, **rates(combined)}
 
 
-# ---- the worker: one variant, one length, one process -------------------------------------------------------------
+# ---- the worker: one variant, one length, one process ------------------------------------------------------
 
 
 def chatsft_data(model_dir: Path, data: str, length: int, cache: Path):
@@ -475,7 +481,8 @@ def build_chatsft(a, workdir: Path, count, window):
 
 
 class _Meter:
-    """What ChatTrainer calls (`meter.take(inputs)` in compute_loss): pops the collator's counts, hands them on."""
+    """What ChatTrainer calls (`meter.take(inputs)` in compute_loss): pops the collator's counts, hands them
+    on."""
 
     def __init__(self, count):
         self.count = count

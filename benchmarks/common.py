@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: FastChat's sample data cycled to N conversations, and the Mistral-7B tokenizer folder.
+"""Shared by the benchmarks: FastChat's sample data cycled to N conversations, and the Mistral-7B tokenizer
+folder.
 
 The tests build the same tokenizer folder in tests/conftest.py (tests must not import benchmarks).
 """

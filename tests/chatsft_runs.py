@@ -1,8 +1,8 @@
 """Helpers for the tests that run `chatsft.train` as separate processes (test_faults, test_multiprocess).
 
 A tiny Llama and a byte-level BPE tokenizer are built in-process and saved as the base model; training runs in
-subprocesses (plain `python`, or `torch.distributed.run` for several processes), through `train_driver.py` when
-a test needs a per-micro-batch trace or a kill at a chosen point of a checkpoint save.
+subprocesses (plain `python`, or `torch.distributed.run` for several processes), through `train_driver.py`
+when a test needs a per-micro-batch trace or a kill at a chosen point of a checkpoint save.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""The hand-run benchmarks still run: each script on a few hundred of the bundled conversations, its table checked.
+"""The hand-run benchmarks still run: each script on a few hundred of the bundled conversations, its table
+checked.
 
-They are not timed here (figures live in benchmarks/README.md); this only keeps them from rotting when the package
-changes under them (bench_train.py once crashed on a changed return value for a whole session).
+They are not timed here (figures live in benchmarks/README.md); this only keeps them from rotting when the
+package changes under them (bench_train.py once crashed on a changed return value for a whole session).
 """
 
 from __future__ import annotations

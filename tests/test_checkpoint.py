@@ -81,7 +81,7 @@ def _complete_folder(path: Path, step: int) -> None:
     ck.write_marker(path, step)
 
 
-# ---- which checkpoint to resume from ------------------------------------------------------------------------
+# ---- which checkpoint to resume from -----------------------------------------------------------------------
 
 
 def test_every_checkpoint_is_marked_and_the_newest_is_chosen_in_numeric_order(trained):
@@ -178,9 +178,12 @@ def test_unmarked_whole_checkpoints_stop_a_fresh_start_and_can_be_adopted(run_co
     with pytest.raises(ConfigError) as err:
         ck.choose_resume(run_copy)
     assert str(err.value) == (
-        f"{run_copy} holds checkpoint-10, which chatsft did not mark complete (FastChat or another HF Trainer tool "
-        "wrote it, or a chatsft save was cut off at its very end), and its files look whole. To continue from it: "
-        f"--resume_from_checkpoint {run_copy / 'checkpoint-10'}. To start over (new checkpoints will replace it): "
+        f"{run_copy} holds checkpoint-10, which chatsft did not mark complete (FastChat or another HF "
+        "Trainer tool "
+        "wrote it, or a chatsft save was cut off at its very end), and its files look whole. To continue "
+        "from it: "
+        f"--resume_from_checkpoint {run_copy / 'checkpoint-10'}. To start over (new checkpoints will "
+        "replace it): "
         "--overwrite_output_dir."
     )
     assert ck.choose_resume(run_copy, overwrite_output_dir=True) == (None, [])
@@ -268,7 +271,7 @@ def test_rotation_keeps_complete_checkpoints_and_newer_incomplete_ones(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-6", "checkpoint-8"]
 
 
-# ---- the final save -----------------------------------------------------------------------------------------
+# ---- the final save ----------------------------------------------------------------------------------------
 
 
 def _stop_ids(tok):
@@ -374,7 +377,7 @@ def test_a_peft_model_saves_its_adapter_and_a_verified_merged_model(tmp_path):
     assert hasattr(trainer.model, "peft_config")  # the trained model keeps its adapter
 
 
-# ---- the loss curve -----------------------------------------------------------------------------------------
+# ---- the loss curve ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("with_eval", [False, True])

@@ -201,8 +201,8 @@ def test_packed_examples_leak_when_a_cache_is_used(attn):
 
 
 def test_packed_loss_terms_equal_the_examples_alone(bpe_tokenizer):
-    """Per-token losses of a packed row (real tokenizer, chatsft.training.tiny model) are those of the examples alone,
-    target for target, including examples whose first label is trained."""
+    """Per-token losses of a packed row (real tokenizer, chatsft.training.tiny model) are those of the
+    examples alone, target for target, including examples whose first label is trained."""
     from chatsft.training.loss import per_token_losses
     from chatsft.training.tiny import build_model
 

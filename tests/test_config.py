@@ -1,4 +1,5 @@
-"""Argument parsing: FastChat's train_vicuna_7b.sh flags land where they should; --config YAML; translations."""
+"""Argument parsing: FastChat's train_vicuna_7b.sh flags land where they should; --config YAML;
+translations."""
 
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def test_fastchat_vicuna_flags_land(gpu_like):
     assert notices == [
         "--evaluation_strategy -> --eval_strategy (renamed in transformers 4.46)",
         "--warmup_ratio -> --warmup_steps (transformers 5 takes a ratio in [0, 1) as --warmup_steps)",
-        "--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer -> --fsdp_config transformer_layer_cls_to_wrap "
+        "--fsdp_transformer_layer_cls_to_wrap LlamaDecoderLayer -> --fsdp_config "
+        "transformer_layer_cls_to_wrap "
         "(moved into --fsdp_config)",
         "--gradient_checkpointing -> --activation_checkpointing (renamed in transformers 5)",
     ]
@@ -175,14 +177,16 @@ def test_fastchat_lora_flags_land(gpu_like):
     assert model.lora_target_modules == ["q_proj", "v_proj"] and model.lora_bias == "none"
     assert train.activation_checkpointing is True and train.eval_steps == 100
     assert [n for n in notices if "lora" in n] == [
-        "--q_lora ignored (4-bit QLoRA (bitsandbytes, CUDA only) is not supported; LoRA on a bf16/fp16 base is: "
+        "--q_lora ignored (4-bit QLoRA (bitsandbytes, CUDA only) is not supported; LoRA on a bf16/fp16 base "
+        "is: "
         "--lora_r N with --bf16 True)",
         "--lora_weight_path ignored (FastChat declares it but never reads it)",
     ]
     with pytest.raises(ConfigError) as err:
         parse_args([*LORA_FLAGS, "--q_lora", "True"])
     assert str(err.value) == (
-        "--q_lora: 4-bit QLoRA (bitsandbytes, CUDA only) is not supported; LoRA on a bf16/fp16 base is: --lora_r N "
+        "--q_lora: 4-bit QLoRA (bitsandbytes, CUDA only) is not supported; LoRA on a bf16/fp16 base is: "
+        "--lora_r N "
         "with --bf16 True"
     )
     with pytest.raises(SystemExit):  # argparse's own message names the choices
@@ -241,7 +245,7 @@ def test_bad_config_and_unknown_flags(tmp_path):
         )
 
 
-# ---- the way a user meets a mistake: `chatsft train ...`, exit code 2, one line on stderr ----------------------
+# ---- the way a user meets a mistake: `chatsft train ...`, exit code 2, one line on stderr ------------------
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 BASE = ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o"]

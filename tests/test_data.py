@@ -669,7 +669,8 @@ def test_two_torchrun_launchers_encode_once_and_train_on_identical_examples(tmp_
 
 
 def test_the_audit_counts_every_record_read_the_rejected_ones_too(bpe_tokenizer, write_file, tmp_path):
-    """5 read, 3 rejected by validation: audit.json says records 5 and names the rejections (issue: it said 2)."""
+    """5 read, 3 rejected by validation: audit.json says records 5 and names the rejections (issue: it said
+    2)."""
     bad = [{"id": f"bad{i}", "conversations": [{"from": "human", "value": "?"}]} for i in range(3)]
     path = write_file("mixed.json", records(2) + bad)
     encoder = Encoder(VICUNA, bpe_tokenizer, "assistant_turns", 2048)

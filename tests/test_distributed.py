@@ -28,7 +28,8 @@ from chatsft.training.distributed import (
 
 
 class _Vocab:
-    """What `chatsft.training.tiny.build_model` reads from a tokenizer; fixed, so every process builds one model."""
+    """What `chatsft.training.tiny.build_model` reads from a tokenizer; fixed, so every process builds one
+    model."""
 
     bos_token_id, eos_token_id, pad_token_id = 1, 2, 3
 
@@ -241,8 +242,9 @@ def test_fsdp2_full_state_dict_across_two_processes(tmp_path):
     ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     if run.returncode != 0 and "terminate called without an active exception" in run.stdout + run.stderr:
-        # Seen twice on a heavily loaded 2-core machine: a gloo worker thread aborts one rank at process teardown.
-        # Not our code's doing (the same worker passes alone); launch once more rather than hide it entirely.
+        # Seen twice on a heavily loaded 2-core machine: a gloo worker thread aborts one rank at process
+        # teardown. Not our code's doing (the same worker passes alone); launch once more rather than hide it
+        # entirely.
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 

@@ -1,11 +1,13 @@
-"""Crash-safe resume: training killed anywhere (SIGKILL mid-step, mid-checkpoint-write) or pre-empted (SIGTERM)
-and relaunched with the same command ends with exactly the weights and loss history of an uninterrupted run.
+"""Crash-safe resume: training killed anywhere (SIGKILL mid-step, mid-checkpoint-write) or pre-empted
+(SIGTERM) and relaunched with the same command ends with exactly the weights and loss history of an
+uninterrupted run.
 
-Every run is a separate `python` process on CPU in fp32 with one thread, so runs are bit-for-bit repeatable and
-the comparisons are exact (`torch.equal`, float equality of the logged values). The tiny model has attention
-dropout, so every forward draws from torch's RNG: a resumed run matches only if the Trainer restored the RNG
-state (`rng_state.pth`) and the data order exactly, which the per-micro-batch trace of `train_driver.py`
-(hashes of each batch's input_ids and of the RNG states as its forward starts) checks directly.
+Every run is a separate `python` process on CPU in fp32 with one thread, so runs are bit-for-bit repeatable
+and the comparisons are exact (`torch.equal`, float equality of the logged values). The tiny model has
+attention dropout, so every forward draws from torch's RNG: a resumed run matches only if the Trainer restored
+the RNG state (`rng_state.pth`) and the data order exactly, which the per-micro-batch trace of
+`train_driver.py` (hashes of each batch's input_ids and of the RNG states as its forward starts) checks
+directly.
 
 Schedule: 32 examples, batch 2, accumulation 2: 8 optimizer steps per epoch, 10 steps in all (the resumed runs
 cross the epoch boundary), a checkpoint every 2 steps.
@@ -109,7 +111,8 @@ def test_sigkill_inside_checkpoint_saves_then_resume(setup, reference):
     assert (ck2 / "model.safetensors").is_file() and not (ck2 / "optimizer.pt").exists()
     assert MARKER_NAME in checkpoint_problem(ck2)
 
-    # 2. The relaunch skips it and starts over; killed when every file of checkpoint-4 but the marker is written.
+    # 2. The relaunch skips it and starts over; killed when every file of checkpoint-4 but the marker is
+    # written.
     rc, output = run(command(flags(setup, out), driver=["--kill-at", "marker@4"]), root / "chain2.log")
     assert rc == -signal.SIGKILL, output[-3000:]
     assert f"skipping incomplete checkpoint {ck2}" in output
@@ -148,8 +151,8 @@ def test_sigkill_from_outside_mid_save_and_mid_step(setup, reference):
     assert not (ck4 / MARKER_NAME).exists()
     assert checkpoint_problem(ck4) is not None
 
-    # 2. Relaunched (resumes from checkpoint-2), then killed at a random moment inside step 7: after its second
-    #    micro-batch has begun, a random fraction of the time its first one took (this machine's pace).
+    # 2. Relaunched (resumes from checkpoint-2), then killed at a random moment inside step 7: after its
+    # second micro-batch has begun, a random fraction of the time its first one took (this machine's pace).
     trace2 = root / "outside2.trace"
     fraction = random.Random(7).random()
     with Launch(command(flags(setup, out), driver=["--trace", str(trace2)]), root / "outside2.log") as launch:
@@ -181,8 +184,9 @@ def test_sigkill_from_outside_mid_save_and_mid_step(setup, reference):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_143(setup, reference):
-    """SIGTERM mid-run: the step finishes, a complete checkpoint of it is written (even with --save_strategy no),
-    the process exits 143 without a final model, and the same command resumes and ends as if never stopped."""
+    """SIGTERM mid-run: the step finishes, a complete checkpoint of it is written (even with --save_strategy
+    no), the process exits 143 without a final model, and the same command resumes and ends as if never
+    stopped."""
     out = setup.root / "sigterm"
     trace = setup.root / "sigterm.trace"
     argv = flags(setup, out, "--save_strategy", "no")
@@ -210,7 +214,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(setup, reference):
     assert_matches_reference(out, trace2, reference, resumed_from=step)
 
 
-# ---- the pre-emption callback on its own (one process, no training) -----------------------------------------
+# ---- the pre-emption callback on its own (one process, no training) ----------------------------------------
 
 
 class _Args:

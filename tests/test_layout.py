@@ -1,6 +1,6 @@
 """The package's three floors, read from every module's imports (function-local ones included): the pipeline
-library imports neither floor above it and no torch (collate excepted: it builds tensors); training never imports
-the commands; a command imports no other command (`cli` dispatches to them by name)."""
+library imports neither floor above it and no torch (collate excepted: it builds tensors); training never
+imports the commands; a command imports no other command (`cli` dispatches to them by name)."""
 
 from __future__ import annotations
 

@@ -154,8 +154,8 @@ def test_lora_bias_trains_the_chosen_biases(bias, trained_biases):
 
 
 def test_lora_adapter_loads_from_another_directory(tiny_dir, tmp_path, monkeypatch):
-    """The base model typed as a relative path, as `--model_name_or_path base` would be: the adapter folder must
-    still load with AutoModelForCausalLM from anywhere (peft records the base path as given)."""
+    """The base model typed as a relative path, as `--model_name_or_path base` would be: the adapter folder
+    must still load with AutoModelForCausalLM from anywhere (peft records the base path as given)."""
     import shutil
     import warnings
 

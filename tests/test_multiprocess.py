@@ -4,18 +4,18 @@ On CPU the ranks are gloo DDP processes (`--use_cpu True`). Why 2 processes with
 accumulation A train exactly like 1 process with batch B and accumulation 2A:
 - the sampler: accelerate replaces the Trainer's RandomSampler by a SeedableRandomSampler seeded with
   `--data_seed` (plus the epoch) in both cases, so both runs draw one permutation; with 2 processes
-  `BatchSamplerShard` cuts it into batches of B and deals them out in turn (rank 0 batches 0, 2, 4, ...; rank 1
-  batches 1, 3, 5, ...), so an optimizer step of A micro-batches per rank covers global batches 0..2A-1, the
-  ones the single process accumulates over 2A micro-batches (32 examples, a global batch of 8: 4 steps an epoch,
-  no remainder; 6 steps cross the epoch boundary);
-- the loss: with `average_tokens_across_devices` (the default) the Trainer divides each rank's summed token loss
-  by the trained tokens of all ranks and micro-batches and scales by the world size, which DDP's gradient
+  `BatchSamplerShard` cuts it into batches of B and deals them out in turn (rank 0 batches 0, 2, 4, ...; rank
+  1 batches 1, 3, 5, ...), so an optimizer step of A micro-batches per rank covers global batches 0..2A-1, the
+  ones the single process accumulates over 2A micro-batches (32 examples, a global batch of 8: 4 steps an
+  epoch, no remainder; 6 steps cross the epoch boundary);
+- the loss: with `average_tokens_across_devices` (the default) the Trainer divides each rank's summed token
+  loss by the trained tokens of all ranks and micro-batches and scales by the world size, which DDP's gradient
   average undoes: the gradient is sum(loss) / all trained tokens, as in one process; the logged loss is the
-  mean over ranks of the same scaled sums, i.e. the same number.
-The model has no dropout here (each rank would draw its own masks). What differs is only the order of fp32
-additions (per-rank partial sums, then the all-reduce): losses agree to ~1e-7 relative and weights to ~3e-7
-absolute after 6 Adam steps at lr 1e-2, so the tolerances are 1e-6 relative for logged values and 1e-5 absolute
-for weights. Normalising per rank instead (`--average_tokens_across_devices False`) moves the weights by ~5e-2.
+  mean over ranks of the same scaled sums, i.e. the same number. The model has no dropout here (each rank
+  would draw its own masks). What differs is only the order of fp32 additions (per-rank partial sums, then the
+  all-reduce): losses agree to ~1e-7 relative and weights to ~3e-7 absolute after 6 Adam steps at lr 1e-2, so
+  the tolerances are 1e-6 relative for logged values and 1e-5 absolute for weights. Normalising per rank
+  instead (`--average_tokens_across_devices False`) moves the weights by ~5e-2.
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def test_two_processes_write_everything_once(setup, one_process, two_processes):
 @pytest.mark.distributed
 def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes(setup, two_processes):
     """Only rank 1 gets SIGTERM: the ranks agree at the end of the step, both save that step's checkpoint and
-    exit 143; `torchrun -m chatsft.train` relaunched with the same flags ends exactly like the uninterrupted run."""
+    exit 143; `torchrun -m chatsft.train` relaunched with the same flags ends exactly like the uninterrupted
+    run."""
     two, _, _ = two_processes
     out = setup.root / "sigterm"
     argv = flags(setup, out, setup.root / "cache-two", ACCUMULATION)
@@ -198,8 +199,8 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes(setup, two_proce
 
 
 def assert_saved_and_resumes_like(reference, out, step, argv, log):
-    """checkpoint-`step` is complete with both ranks' RNG states and no final model; relaunching `argv` resumes
-    from it and ends bit-identical to the uninterrupted `reference` run."""
+    """checkpoint-`step` is complete with both ranks' RNG states and no final model; relaunching `argv`
+    resumes from it and ends bit-identical to the uninterrupted `reference` run."""
     saved = out / f"checkpoint-{step}"
     assert checkpoint_problem(saved) is None
     assert sorted(p.name for p in saved.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
@@ -216,8 +217,8 @@ def assert_saved_and_resumes_like(reference, out, step, argv, log):
 @pytest.mark.distributed
 def test_sigterm_to_torchrun_reaches_every_rank_and_they_save(setup, two_processes):
     """What a scheduler does: SIGTERM to the launcher. torchrun passes it to every worker and waits its
-    --shutdown-timeout (30 s by default: the example scripts raise it) before SIGKILL; the ranks finish the step,
-    save it and exit 143, and the relaunch ends like the uninterrupted run."""
+    --shutdown-timeout (30 s by default: the example scripts raise it) before SIGKILL; the ranks finish the
+    step, save it and exit 143, and the relaunch ends like the uninterrupted run."""
     two, _, _ = two_processes
     out = setup.root / "sigterm-launcher"
     argv = flags(setup, out, setup.root / "cache-two", ACCUMULATION)

@@ -1,4 +1,5 @@
-"""chatsft.training.rope: RoPE scaling for a longer model_max_length, set on the config before weights load."""
+"""chatsft.training.rope: RoPE scaling for a longer model_max_length, set on the config before weights
+load."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""End to end on CPU: train a tiny model built in-process, checkpoint, resume past a damaged checkpoint, save, reload."""
+"""End to end on CPU: train a tiny model built in-process, checkpoint, resume past a damaged checkpoint, save,
+reload."""
 
 from __future__ import annotations
 

@@ -3,12 +3,13 @@
     python tests/train_driver.py [--trace FILE] [--kill-at WHERE@STEP] [--slow-marker SECONDS]
         [--dump-data FILE] -- <train flags>
 
---trace FILE: for every trained micro-batch append one JSON line: the optimizer step it belongs to, the rank, a
-  hash of its input_ids and a hash of the RNG states (torch CPU, Python, NumPy) as the forward starts. `{rank}`
-  in FILE is replaced by the rank, so that each process under torchrun has its own file.
---kill-at WHERE@STEP: SIGKILL this process inside the save of checkpoint-STEP: `optimizer` = the model weights
-  are written, the optimizer state is not; `rng` = model and optimizer written, RNG state not; `marker` = every
-  file written, the completion marker not. A real SIGKILL, as an outside kill at that moment would be.
+--trace FILE: for every trained micro-batch append one JSON line: the optimizer step it belongs to, the rank,
+  a hash of its input_ids and a hash of the RNG states (torch CPU, Python, NumPy) as the forward starts.
+  `{rank}` in FILE is replaced by the rank, so that each process under torchrun has its own file.
+--kill-at WHERE@STEP: SIGKILL this process inside the save of checkpoint-STEP: `optimizer` = the model
+  weights are written, the optimizer state is not; `rng` = model and optimizer written, RNG state not;
+  `marker` = every file written, the completion marker not. A real SIGKILL, as an outside kill at that
+  moment would be.
 --slow-marker SECONDS: sleep before each completion marker is written (a wide window for an outside kill).
 --dump-data FILE: write this rank's dataset ids and the ids of its first epoch's batches (`{rank}` as above).
 --slow-final SECONDS: sleep inside the final save, after the files are written to its hidden folder and before

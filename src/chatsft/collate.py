@@ -1,8 +1,8 @@
 """Examples -> batches: pad to the longest example, or pack examples into one row without any padding.
 
 Two collators share one contract: they take examples (`{"input_ids": [...], "labels": [...]}`, labels -100
-where not trained, not pre-shifted) and return torch tensors the model and `chatsft.training.loss.causal_lm_loss`
-accept.
+where not trained, not pre-shifted) and return torch tensors the model and
+`chatsft.training.loss.causal_lm_loss` accept.
 
 - `PadCollator` pads right to the longest example of the batch (never to `model_max_length`), labels -100
   and `attention_mask` 0 on padding.

@@ -1,8 +1,8 @@
 """Load a tokenizer as training sees it: the model's config, its family preset, special tokens, a pad token.
 
-No weights are read (data problems surface before the model loads) and nothing here imports torch, so `prepare`,
-`preview` and `check` stay light. `load_encoder` is the one path from a model folder to an `Encoder` and its stop
-ids, shared by `train`, `prepare` and `preview`.
+No weights are read (data problems surface before the model loads) and nothing here imports torch, so
+`prepare`, `preview` and `check` stay light. `load_encoder` is the one path from a model folder to an
+`Encoder` and its stop ids, shared by `train`, `prepare` and `preview`.
 """
 
 from __future__ import annotations
@@ -218,7 +218,8 @@ def add_encoder_arguments(parser) -> None:
 
 
 def context_length(config) -> int:
-    """The default `--model_max_length` of train, prepare and preview: the model's `max_position_embeddings`."""
+    """The default `--model_max_length` of train, prepare and preview: the model's
+    `max_position_embeddings`."""
     return getattr(config, "max_position_embeddings", None) or FALLBACK_CONTEXT
 
 
@@ -234,7 +235,8 @@ def load_encoder_from_args(args) -> LoadedEncoder:
         notices.append(
             f"--model_max_length not given: using the model's context, {max_length} tokens"
             if has_config
-            else f"--model_max_length not given: {max_length} tokens (no config.json to read the context from)"
+            else f"--model_max_length not given: {max_length} tokens (no config.json to read the context "
+            "from)"
         )
     encoder, more = load_encoder(
         args.model_name_or_path,

@@ -1,7 +1,7 @@
 """`python -m chatsft.train` / `torchrun -m chatsft.train`: the FastChat-compatible entry point.
 
-A thin alias of the `chatsft train` command (`chatsft.commands.train`), kept so that FastChat's launch lines work
-unchanged.
+A thin alias of the `chatsft train` command (`chatsft.commands.train`), kept so that FastChat's launch lines
+work unchanged.
 """
 
 import sys

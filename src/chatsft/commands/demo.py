@@ -1,8 +1,8 @@
 """`chatsft demo`: fine-tune a tiny model on the bundled sample conversations, then show it answering.
 
-No arguments and no network: a byte-level BPE tokenizer is trained on the sample data and a small Llama is built
-in-process, saved as an ordinary model folder, and trained with the same `chatsft train` a user runs. The
-answers before and after training come from the saved folder through its saved chat template.
+No arguments and no network: a byte-level BPE tokenizer is trained on the sample data and a small Llama is
+built in-process, saved as an ordinary model folder, and trained with the same `chatsft train` a user runs.
+The answers before and after training come from the saved folder through its saved chat template.
 """
 
 from __future__ import annotations

@@ -103,8 +103,8 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def _trainer_state_problem(folder: Path, step: int | None, source: str) -> str | None:
-    """Why `trainer_state.json` (written by the Trainer after everything else) does not vouch for `step`, which
-    `source` gives (None: any step)."""
+    """Why `trainer_state.json` (written by the Trainer after everything else) does not vouch for `step`,
+    which `source` gives (None: any step)."""
     try:
         state_step = json.loads((folder / "trainer_state.json").read_text())["global_step"]
     except FileNotFoundError:
@@ -117,7 +117,8 @@ def _trainer_state_problem(folder: Path, step: int | None, source: str) -> str |
 
 
 def _weights_problem(folder: Path) -> str | None:
-    """Why the weights in `folder` cannot be loaded: a cut-off safetensors file, a missing shard, or none at all."""
+    """Why the weights in `folder` cannot be loaded: a cut-off safetensors file, a missing shard, or none at
+    all."""
     for path in sorted(folder.rglob("*.safetensors")):
         if (problem := safetensors_problem(path)) is not None:
             return problem
@@ -244,8 +245,9 @@ def unmarked_checkpoint_problem(checkpoint_dir: str | os.PathLike) -> str | None
 
 
 def validate_checkpoint(path: str | os.PathLike) -> tuple[Path, list[str]]:
-    """`path` if it is a complete checkpoint (or, with a notice, an unmarked one whose files look whole: asking for
-    it by name adopts it), else a ConfigError saying why (for an explicit --resume_from_checkpoint)."""
+    """`path` if it is a complete checkpoint (or, with a notice, an unmarked one whose files look whole:
+    asking for it by name adopts it), else a ConfigError saying why (for an explicit
+    --resume_from_checkpoint)."""
     folder = Path(path)
     problem = checkpoint_problem(folder)
     if problem is None:
@@ -258,7 +260,8 @@ def validate_checkpoint(path: str | os.PathLike) -> tuple[Path, list[str]]:
             ]
         problem = f"it has no {MARKER_NAME} and {unmarked}"
     raise ConfigError(
-        f"cannot resume from {path}: {problem}. Choose a complete checkpoint, or leave --resume_from_checkpoint "
+        f"cannot resume from {path}: {problem}. Choose a complete checkpoint, or leave "
+        "--resume_from_checkpoint "
         "out to resume from the newest complete one."
     )
 
@@ -277,9 +280,9 @@ def choose_resume(
 
     An explicit path is validated (ConfigError if incomplete). Otherwise, like FastChat, the newest complete
     checkpoint in `output_dir` is resumed from, unless `overwrite_output_dir` asks for a fresh start or
-    `resume_from_checkpoint` is False. When no checkpoint is complete but an unmarked one looks whole (a FastChat
-    run's, continued with chatsft), this stops with a ConfigError rather than start over: a fresh start would
-    rotate that progress away, or save over it.
+    `resume_from_checkpoint` is False. When no checkpoint is complete but an unmarked one looks whole (a
+    FastChat run's, continued with chatsft), this stops with a ConfigError rather than start over: a fresh
+    start would rotate that progress away, or save over it.
     """
     auto = ("", "true", "last", "latest")
     if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() not in auto:
@@ -292,8 +295,10 @@ def choose_resume(
         for _, candidate in _checkpoints(Path(output_dir)):
             if _unmarked(candidate) and unmarked_checkpoint_problem(candidate) is None:
                 raise ConfigError(
-                    f"{output_dir} holds {candidate.name}, which chatsft did not mark complete (FastChat or another "
-                    "HF Trainer tool wrote it, or a chatsft save was cut off at its very end), and its files look "
+                    f"{output_dir} holds {candidate.name}, which chatsft did not mark complete (FastChat or "
+                    "another "
+                    "HF Trainer tool wrote it, or a chatsft save was cut off at its very end), and its "
+                    "files look "
                     f"whole. To continue from it: --resume_from_checkpoint {candidate}. To start over (new "
                     "checkpoints will replace it): --overwrite_output_dir."
                 )
@@ -306,11 +311,11 @@ class CheckpointMarker(TrainerCallback):
     """Marks each checkpoint complete once the Trainer has written all of it, and rotates old ones.
 
     Rotation lives here rather than in the Trainer because the Trainer deletes old checkpoints *before*
-    `on_save`, i.e. before the new one is marked: with `save_total_limit=1` a crash in that window leaves nothing
-    to resume from. So at `on_train_begin` this callback takes `args.save_total_limit` over (sets it to None)
-    unless `save_total_limit` was given here. It keeps the newest `save_total_limit` complete checkpoints plus
-    `state.best_model_checkpoint`; with a limit of 1 and a best checkpoint, both stay (the Trainer would delete
-    the last one at the end of training).
+    `on_save`, i.e. before the new one is marked: with `save_total_limit=1` a crash in that window leaves
+    nothing to resume from. So at `on_train_begin` this callback takes `args.save_total_limit` over (sets it
+    to None) unless `save_total_limit` was given here. It keeps the newest `save_total_limit` complete
+    checkpoints plus `state.best_model_checkpoint`; with a limit of 1 and a best checkpoint, both stay (the
+    Trainer would delete the last one at the end of training).
     """
 
     def __init__(self, save_total_limit: int | None = None, manifest: dict | None = None):
@@ -326,7 +331,8 @@ class CheckpointMarker(TrainerCallback):
 
     def _clear_stale_marker(self, args, state, control):
         # A folder for this step left by an earlier run is about to be overwritten in place: void it first.
-        # (With save_strategy "best" the decision comes after evaluation, so any folder for this step is voided.)
+        # (With save_strategy "best" the decision comes after evaluation, so any folder for this step is
+        # voided.)
         if state.global_step == self._marked_step or not args.should_save:
             return
         if control.should_save or args.save_strategy == "best":
@@ -366,7 +372,8 @@ class CheckpointMarker(TrainerCallback):
             keep.add(Path(state.best_model_checkpoint).resolve())
         newest = complete[-1][0] if complete else None
         for step, path in folders:
-            # Folders newer than the newest complete one may be a save in progress (or the next to be overwritten).
+            # Folders newer than the newest complete one may be a save in progress (or the next to be
+            # overwritten).
             if path.resolve() not in keep and newest is not None and step < newest:
                 # Marker first: a deletion cut short must not leave a folder that still claims to be complete.
                 (path / MARKER_NAME).unlink(missing_ok=True)

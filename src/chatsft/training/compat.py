@@ -10,10 +10,11 @@ import json
 
 from chatsft.errors import ConfigError
 
-# old flag -> (new flag or None to drop, how the value maps, why). Value maps: "same" keeps the value;
-# "bool" turns `--old [True]` into `--new VALUE` (VALUE given as the 4th item); "layer_cls" merges into fsdp_config;
+# old flag -> (new flag or None to drop, how the value maps, why). Value maps: "same" keeps the value; "bool"
+# turns `--old [True]` into `--new VALUE` (VALUE given as the 4th item); "layer_cls" merges into fsdp_config;
 # "drop" ignores the flag; "refuse_true" is a one-line error when the flag is true (dropped when false).
-# FastChat's `--fsdp "full_shard auto_wrap"` passes through: transformers 5.x still maps it onto fsdp_config itself.
+# FastChat's `--fsdp "full_shard auto_wrap"` passes through: transformers 5.x still maps it onto fsdp_config
+# itself.
 FLAG_TABLE: dict[str, tuple[str | None, str, str, str | None]] = {
     "--evaluation_strategy": ("--eval_strategy", "same", "renamed in transformers 4.46", None),
     "--warmup_ratio": (

@@ -210,7 +210,8 @@ class TrainingArguments(transformers.TrainingArguments):
     ddp_find_unused_parameters: bool | None = field(
         default=False,
         metadata={
-            "help": "DDP's find_unused_parameters. False (chatsft's default): every parameter of a chat model "
+            "help": "DDP's find_unused_parameters. False (chatsft's default): every parameter of a chat "
+            "model "
             "gets a gradient each step; set True for a model that skips some (a mixture of experts)."
         },
     )
@@ -276,7 +277,8 @@ def _plain(value) -> str:
 
 
 def _plain_message(err: Exception) -> str:
-    """A transformers ValueError as one line, its enums as flag values (`IntervalStrategy.STEPS` -> `steps`)."""
+    """A transformers ValueError as one line, its enums as flag values (`IntervalStrategy.STEPS` ->
+    `steps`)."""
     text = " ".join(line.strip(" -") for line in str(err).splitlines() if line.strip())
     return re.sub(r"\b[A-Z][A-Za-z]*(?:Strategy|Type)\.([A-Z_0-9]+)\b", lambda m: m.group(1).lower(), text)
 

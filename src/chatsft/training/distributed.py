@@ -207,9 +207,9 @@ def accelerator_visible() -> bool:
 def choose_cpu(training_args) -> str | None:
     """With no GPU visible and no `--use_cpu`, set `use_cpu` (call before the device is set up); a notice.
 
-    Without it, torchrun on a CPU machine gives every process a world of one (see `check_launch`), and a single
-    process refuses `--bf16` and asks DataLoader to pin memory it cannot pin. With it, accelerate joins the
-    processes into one gloo run, and bf16 runs through CPU autocast.
+    Without it, torchrun on a CPU machine gives every process a world of one (see `check_launch`), and a
+    single process refuses `--bf16` and asks DataLoader to pin memory it cannot pin. With it, accelerate joins
+    the processes into one gloo run, and bf16 runs through CPU autocast.
     """
     if training_args.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
         return None
@@ -229,7 +229,8 @@ def _flag(value) -> str:
 
 
 def gpu_only_settings(namespace) -> list[tuple[str, str]]:
-    """The parsed flags (an argparse namespace of all three dataclasses) that need a GPU, as (given, change to).
+    """The parsed flags (an argparse namespace of all three dataclasses) that need a GPU, as (given, change
+    to).
 
     Checked together before the arguments become dataclasses, since `TrainingArguments.__post_init__` and the
     model loader would refuse them one at a time (tf32, then fsdp, then fp16 inside the Trainer, then flash

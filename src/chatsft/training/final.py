@@ -1,10 +1,10 @@
 """The final save: written to a hidden folder, reloaded and checked, then moved into `output_dir`.
 
 The model is written by `trainer.save_model` (which already gathers FSDP full state dicts and ZeRO-3 16-bit
-weights) into `output_dir/.chatsft-final-tmp`, completed with the tokenizer carrying the training chat template,
-a generation config that stops on the end-of-turn ids and `use_cache: true`, then reloaded with
-`AutoModelForCausalLM`/`AutoTokenizer` and compared with the in-memory model (every tensor) and the training text.
-Only then are the files moved, one `os.replace` at a time, into `output_dir`, under the marker
+weights) into `output_dir/.chatsft-final-tmp`, completed with the tokenizer carrying the training chat
+template, a generation config that stops on the end-of-turn ids and `use_cache: true`, then reloaded with
+`AutoModelForCausalLM`/`AutoTokenizer` and compared with the in-memory model (every tensor) and the training
+text. Only then are the files moved, one `os.replace` at a time, into `output_dir`, under the marker
 `chatsft-final.json`. Every rank takes part (the gathers are collectives); only the writer rank writes.
 """
 
@@ -36,7 +36,8 @@ def _as_id_list(value) -> list[int]:
 def _finish_model_folder(
     folder: Path, model, tokenizer, chat_template: str, stop_token_ids: Sequence[int]
 ) -> None:
-    """Tokenizer with the training chat template, generation config that stops at end of turn, use_cache on."""
+    """Tokenizer with the training chat template, generation config that stops at end of turn, use_cache
+    on."""
     import copy
 
     from transformers import GenerationConfig
@@ -146,7 +147,8 @@ def _verify_folder(
                 (i for i, (a, b) in enumerate(zip(rendered, text)) if a != b), min(len(rendered), len(text))
             )
             raise ConfigError(
-                f"the chat template saved with the model renders a sample differently from training, from character "
+                "the chat template saved with the model renders a sample differently from training, from "
+                "character "
                 f"{at}: {rendered[at : at + 40]!r} instead of {text[at : at + 40]!r}"
             )
 
@@ -183,7 +185,8 @@ def _all_ranks_ok(ok: bool) -> bool:
 
 
 def _save_full_model(trainer, folder: Path) -> None:
-    """`trainer.save_model`, which gathers FSDP and ZeRO-3 weights, with FSDP switched to a full state dict."""
+    """`trainer.save_model`, which gathers FSDP and ZeRO-3 weights, with FSDP switched to a full state
+    dict."""
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
     if plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
         trainer.save_model(str(folder))
@@ -224,19 +227,22 @@ def save_final(
     merge: bool = False,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Save the trained model into `output_dir` (default `trainer.args.output_dir`), checked, and return that path.
+    """Save the trained model into `output_dir` (default `trainer.args.output_dir`), checked, and return that
+    path.
 
-    Call on every rank (the weights are gathered collectively). The writer rank (`args.should_save`) builds the
-    model in `output_dir/.chatsft-final-tmp` with `trainer.save_model` (which gathers FSDP full state dicts and
-    DeepSpeed ZeRO-3 16-bit weights), adds the tokenizer with `chat_template`, a generation config whose
-    eos_token_id includes `stop_token_ids`, `use_cache=True`, `trainer_state.json` and `extra_files`
-    (name -> content); reloads it with AutoModelForCausalLM/AutoTokenizer, checks every tensor equals the trained
-    one exactly and that `apply_chat_template(check_text[0], tokenize=False) == check_text[1]`; then moves the
-    files into `output_dir` one `os.replace` at a time, deletes the previous final model's leftover weight files,
-    and writes `chatsft-final.json`. Any failure leaves `output_dir` as it was and raises on every rank.
+    Call on every rank (the weights are gathered collectively). The writer rank (`args.should_save`) builds
+    the model in `output_dir/.chatsft-final-tmp` with `trainer.save_model` (which gathers FSDP full state
+    dicts and DeepSpeed ZeRO-3 16-bit weights), adds the tokenizer with `chat_template`, a generation config
+    whose eos_token_id includes `stop_token_ids`, `use_cache=True`, `trainer_state.json` and `extra_files`
+    (name -> content); reloads it with AutoModelForCausalLM/AutoTokenizer, checks every tensor equals the
+    trained one exactly and that `apply_chat_template(check_text[0], tokenize=False) == check_text[1]`; then
+    moves the files into `output_dir` one `os.replace` at a time, deletes the previous final model's leftover
+    weight files, and writes `chatsft-final.json`. Any failure leaves `output_dir` as it was and raises on
+    every rank.
 
-    A peft model is saved as its adapter; with `merge=True` a merged full model also goes to `output_dir/merged`.
-    `trust_remote_code` is passed to the reload (a model whose class lives in its folder's own Python files).
+    A peft model is saved as its adapter; with `merge=True` a merged full model also goes to
+    `output_dir/merged`. `trust_remote_code` is passed to the reload (a model whose class lives in its
+    folder's own Python files).
     """
     out = Path(output_dir if output_dir is not None else trainer.args.output_dir)
     tmp = out / FINAL_TMP_NAME
@@ -308,9 +314,9 @@ def save_final(
 def save_run(
     trainer, tokenizer, encoder, split, output_dir: Path, model_args=None, manifest: dict | None = None
 ) -> Path:
-    """`save_final` for a finished `chatsft train` run: the encoder's template as the chat template, its stop ids,
-    the audit, the run manifest and the loss curve beside the weights, and one training conversation to check
-    the template with. `model_args` gives --merge_lora and --trust_remote_code."""
+    """`save_final` for a finished `chatsft train` run: the encoder's template as the chat template, its stop
+    ids, the audit, the run manifest and the loss curve beside the weights, and one training conversation to
+    check the template with. `model_args` gives --merge_lora and --trust_remote_code."""
     import tempfile
 
     from chatsft.templates import render_text

@@ -1,7 +1,8 @@
 """Replies from a chat model: prompts formatted by the model folder's saved chat template, generation stopped
 at its saved stop ids (`generation_config.json`'s `eos_token_id`, which the final save fills with the
-template's end-of-turn ids). One helper behind `chatsft chat`, the demo's answers before and after training, and the
-samples logged at evaluation (`chatsft.training.generations`), so that all three see what inference sees.
+template's end-of-turn ids). One helper behind `chatsft chat`, the demo's answers before and after training,
+and the samples logged at evaluation (`chatsft.training.generations`), so that all three see what inference
+sees.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""LoRA through peft: adapters on every linear projection by default, resized embeddings trained too, merging."""
+"""LoRA through peft: adapters on every linear projection by default, resized embeddings trained too,
+merging."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def apply_lora(
     )
     model.enable_input_require_grads()
     with warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing` alias: a FutureWarning meant for peft
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias: a FutureWarning meant for
+        # peft
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config)
     for adapter in peft_model.peft_config.values():

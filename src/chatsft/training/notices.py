@@ -16,8 +16,8 @@ PREFIX = "[chatsft] "
 
 
 class _RankFilter(logging.Filter):
-    """Notices from the logging rank only; warnings (a rank's own trouble, such as the signal it got) from every
-    rank."""
+    """Notices from the logging rank only; warnings (a rank's own trouble, such as the signal it got) from
+    every rank."""
 
     def __init__(self, should_log: bool):
         super().__init__()
@@ -51,8 +51,8 @@ def setup_notices(should_log: bool) -> Callable[[str], None]:
 
 
 def announce(say: Callable[[str], None], notices: Iterable[str], *, gather: bool = False) -> None:
-    """Say each notice; with `gather` (a collective under torch.distributed: every rank must call it) also what
-    the other ranks said that this one did not."""
+    """Say each notice; with `gather` (a collective under torch.distributed: every rank must call it) also
+    what the other ranks said that this one did not."""
     notices = [n for n in notices if n]
     if gather:
         notices += other_ranks_notices(notices)
@@ -64,9 +64,9 @@ def other_ranks_notices(notices: list[str]) -> list[str]:
     """What the other processes said that the main one did not, as lines for the main process to print.
 
     Only the main process prints; this shows it what the others did differently (for instance that they loaded
-    the encoded data from the cache the main process wrote). A notice the main process gave too, word for word or
-    as the start of its own (which adds a detail such as the file it wrote), is not repeated. Each differing
-    notice comes once, prefixed by the ranks that gave it (`ranks 1-7: ...`). A collective under
+    the encoded data from the cache the main process wrote). A notice the main process gave too, word for word
+    or as the start of its own (which adds a detail such as the file it wrote), is not repeated. Each
+    differing notice comes once, prefixed by the ranks that gave it (`ranks 1-7: ...`). A collective under
     torch.distributed (every rank must call it); empty without it, and on the ranks other than 0.
     """
     import torch.distributed as dist

@@ -18,7 +18,8 @@ def loss_points(log_history: Iterable[Mapping], key: str) -> tuple[list[int], li
 
 
 def plot_loss(log_history: Iterable[Mapping], path: str | os.PathLike, title: str = "Training loss") -> Path:
-    """Draw the train loss (and the eval loss, when logged) against the step into the PNG `path`; return it."""
+    """Draw the train loss (and the eval loss, when logged) against the step into the PNG `path`; return
+    it."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

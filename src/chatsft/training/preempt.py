@@ -2,13 +2,14 @@
 
 Schedulers (SLURM, Kubernetes, spot instances, torchrun passing its own SIGTERM on) announce the end of a job
 with SIGTERM and kill it a grace period later. The default SIGTERM action kills the process mid-step and loses
-everything since the last checkpoint. `PreemptionCallback` installs a handler when training begins (only the main
-thread can) that merely records the signal; at the end of each optimizer step the ranks agree whether any of them
-was signalled (a one-element all-reduce, MAX), and if so every rank asks the Trainer for a checkpoint and a stop
-at that same step. Agreement matters: a rank that stopped one step before the others would leave them waiting
-in the next collective, and the checkpoint would mix two steps. The save is the Trainer's ordinary checkpoint, so
-`CheckpointMarker` marks it complete and relaunching the same command resumes from it; `chatsft.train` then
-skips the final save and exits with 128 + the signal number, so the scheduler sees an interrupted job.
+everything since the last checkpoint. `PreemptionCallback` installs a handler when training begins (only the
+main thread can) that merely records the signal; at the end of each optimizer step the ranks agree whether any
+of them was signalled (a one-element all-reduce, MAX), and if so every rank asks the Trainer for a checkpoint
+and a stop at that same step. Agreement matters: a rank that stopped one step before the others would leave
+them waiting in the next collective, and the checkpoint would mix two steps. The save is the Trainer's
+ordinary checkpoint, so `CheckpointMarker` marks it complete and relaunching the same command resumes from it;
+`chatsft.train` then skips the final save and exits with 128 + the signal number, so the scheduler sees an
+interrupted job.
 
 A SIGTERM during the final save (`finishing_save`) is held until the save is done: the save takes seconds to
 minutes, less than a checkpoint (no optimizer state) and well inside a scheduler's grace period, and with
@@ -37,9 +38,9 @@ class PreemptionCallback(TrainerCallback):
     """Checkpoint and stop at the end of the optimizer step during which `signals` (default SIGTERM) arrived.
 
     Put it before `CheckpointMarker` among the callbacks, so that the marker sees the save request at the same
-    `on_step_end`. After `trainer.train()` returns, `stopped_at` is the step that was saved (None when training
-    ran to its end) and `exit_code` the code to exit with. Call `restore()` when training is over (also after an
-    exception), which puts the previous handlers back.
+    `on_step_end`. After `trainer.train()` returns, `stopped_at` is the step that was saved (None when
+    training ran to its end) and `exit_code` the code to exit with. Call `restore()` when training is over
+    (also after an exception), which puts the previous handlers back.
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
@@ -134,7 +135,8 @@ def preemptible(trainer):
 
 
 def rerun_hint(overwrite: bool) -> str:
-    """How to resume: the same command, less --overwrite_output_dir (with it, the relaunch would start over)."""
+    """How to resume: the same command, less --overwrite_output_dir (with it, the relaunch would start
+    over)."""
     return "run the same command without --overwrite_output_dir" if overwrite else "run the same command"
 
 

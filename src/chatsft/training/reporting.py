@@ -2,10 +2,10 @@
 
 `check_report_to` runs while the arguments are parsed, so that a missing `tensorboard` or `wandb` package is
 one line naming the pip extra (`pip install 'chatsft[wandb]'`) instead of a traceback after the data and the
-model have loaded. `install_log_printer` replaces the Trainer's log printers, which print every value as a quoted
-string (`'loss': '6.927'`), by ones that print numbers, written through tqdm so that a line never lands inside
-the progress bar. `run_summary` names both losses at the end (the run's average, HF's `training_loss`, and the
-last logged one) and evaluates at the end only when the Trainer has not just done so at the last step.
+model have loaded. `install_log_printer` replaces the Trainer's log printers, which print every value as a
+quoted string (`'loss': '6.927'`), by ones that print numbers, written through tqdm so that a line never lands
+inside the progress bar. `run_summary` names both losses at the end (the run's average, HF's `training_loss`,
+and the last logged one) and evaluates at the end only when the Trainer has not just done so at the last step.
 """
 
 from __future__ import annotations

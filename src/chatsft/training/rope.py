@@ -1,4 +1,5 @@
-"""RoPE scaling when `--model_max_length` exceeds the model's context, applied to the config before weights load.
+"""RoPE scaling when `--model_max_length` exceeds the model's context, applied to the config before weights
+load.
 
 transformers 5 keeps RoPE settings in `config.rope_parameters`, one dict holding `rope_type`, `rope_theta`
 and the scaling keys (`factor`, `original_max_position_embeddings`, ...). FastChat's
