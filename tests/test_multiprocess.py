@@ -143,8 +143,8 @@ def test_two_processes_write_everything_once(setup, one_process, two_processes):
     audit = json.loads((two / "audit.json").read_text())
     assert audit == json.loads((one / "audit.json").read_text())
 
-    # only rank 0 prints; the data were encoded once, by whichever rank took the cache folder's lock first, and
-    # the other rank mapped what it wrote (rank 0 reports rank 1's line prefixed "rank 1: ")
+    # only rank 0 prints; the data were encoded once, by whichever rank took the cache folder's lock first,
+    # and the other rank mapped what it wrote (rank 0 reports rank 1's line prefixed "rank 1: ")
     for notice in ("saved the final model", "training done: 6 steps", "read 33 records"):
         assert output.count(notice) == 1, notice
     if not torch.cuda.is_available():
