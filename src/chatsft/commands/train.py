@@ -18,18 +18,12 @@ from chatsft.errors import ChatsftError
 def main(argv: list[str] | None = None) -> int:
     import transformers
 
-    from chatsft.data import build_datasets
-    from chatsft.tokenizer import load_encoder, prepare_tokenizer
+    from chatsft.training import steps
     from chatsft.training.config import parse_args
-    from chatsft.training.distributed import check_fsdp_supported, check_launch, fill_fsdp_config
     from chatsft.training.final import save_run
-    from chatsft.training.lock import acquire_run_lock
-    from chatsft.training.lora import apply_lora
     from chatsft.training.manifest import attach_manifest, resolve_run, run_manifest
-    from chatsft.training.model import load_config, load_model_for
     from chatsft.training.notices import announce, setup_notices
     from chatsft.training.preempt import finishing_save, preemptible, rerun_hint
-    from chatsft.training.preflight import run_preflight
     from chatsft.training.reporting import run_summary
     from chatsft.training.space import disk_full_is_one_line
     from chatsft.training.trainer import build_trainer
@@ -38,43 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     say = setup_notices(args.should_log)
     announce(say, [*(f"flag: {notice}" for notice in flag_notices), *args.device_notices])
     transformers.set_seed(args.seed)
-    check_launch(args)
-    check_fsdp_supported(args)
-    announce(
-        say,
-        run_preflight(
-            output_dir=args.output_dir,
-            data_paths=[source.path for source in data_args.sources],
-            eval_data_paths=data_args.eval_data_path or (),
-            model_path=model_args.model_name_or_path,
-            dtype=model_args.load_dtype(args),
-            save_only_model=args.save_only_model,
-            lora=model_args.lora_r > 0,
-        ),
-    )
-    announce(say, acquire_run_lock(args.output_dir, writer=args.should_save))
-
-    config = load_config(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    announce(say, args.fill_model_max_length(config))
-    tokenizer, preset, notices = prepare_tokenizer(
-        model_args.model_name_or_path,
-        model_max_length=args.model_max_length,
-        config=config,
-        tokenizer_path=model_args.tokenizer_name_or_path,
-        model_family=model_args.model_family,
-        trust_remote_code=model_args.trust_remote_code,
-        padding_side=model_args.padding_side,
-        extra_special_tokens=model_args.add_special_tokens,
-    )
-    encoder, more = load_encoder(
-        model_args.model_name_or_path,
-        conv_template=data_args.conv_template,
-        loss_mode=data_args.loss_mode,
-        model_max_length=args.model_max_length,
-        tokenizer=tokenizer,
-        preset=preset,
-    )
-    announce(say, [*notices, *more])
+    announce(say, steps.check_run(model_args, data_args, args))
+    tokenizer, encoder, notices = steps.tokenizer_and_encoder(model_args, data_args, args)
+    announce(say, notices)
     manifest = run_manifest(model_args, data_args, args, encoder)
     resume, notices, finished = resolve_run(args.output_dir, manifest, args=args, writer=args.should_save)
     announce(
@@ -83,56 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     if finished:
         return 0
 
-    split = build_datasets(
-        encoder,
-        sources=data_args.sources,
-        eval_data_path=data_args.eval_data_path,
-        train_ratio=data_args.train_ratio,
-        seed=args.data_seed if args.data_seed is not None else args.seed,
-        lazy=data_args.lazy_preprocess,
-        num_workers=data_args.preprocessing_num_workers,
-        cache_dir=args.cache_dir,
-        policy=data_args.read_policy(Path(args.output_dir) if args.should_save else None),  # one writer
-        progress=args.should_log and not args.disable_tqdm,
-    )
+    split = steps.datasets(encoder, data_args, args)
     announce(say, split.notices, gather=True)
     announce(say, split.audit_notices())
     args.check_eval_set(split.eval is not None)
-
-    model, grew, notices = load_model_for(
-        tokenizer,
-        model_args.model_name_or_path,
-        dtype=model_args.load_dtype(args),
-        attn_implementation=model_args.attn_implementation,
-        trust_remote_code=model_args.trust_remote_code,
-        model_max_length=args.model_max_length,
-        gradient_checkpointing=args.activation_checkpointing,
-    )
+    model, notices = steps.model_for(tokenizer, model_args, args)
     announce(say, notices)
-    if model_args.lora_r > 0:
-        model, notice = apply_lora(
-            model,
-            r=model_args.lora_r,
-            alpha=model_args.lora_alpha,
-            dropout=model_args.lora_dropout,
-            target_modules=model_args.lora_target_modules,
-            train_embeddings=grew,
-            bias=model_args.lora_bias,
-        )
-        announce(say, [notice])
-    announce(say, fill_fsdp_config(args, model))
-
+    flash = (model_args.attn_implementation or "").startswith("flash")
     trainer, notices = build_trainer(
-        model,
-        tokenizer,
-        args,
-        data_args,
-        split,
-        flash=(model_args.attn_implementation or "").startswith("flash"),
-        stop_ids=encoder.stop_ids,
+        model, tokenizer, args, data_args, split, flash=flash, stop_ids=encoder.stop_ids
     )
     announce(say, notices)
     attach_manifest(trainer, manifest)
+
     rerun = rerun_hint(args.overwrite_output_dir)
     with disk_full_is_one_line(args.output_dir, rerun=rerun), preemptible(trainer) as preemption:
         result = trainer.train(resume_from_checkpoint=resume)
