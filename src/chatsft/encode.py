@@ -20,7 +20,8 @@ Speed (the eager dataset encodes every record): labels come from a few bisection
 the token offsets, not from Python work per token; the per-token rule stays as the fallback for offsets that
 are not monotonic. Records are tokenized one at a time: one backend batch call per chunk of records was
 measured slower (the chunk's renders and encodings held in memory at once cost more than the saved calls; see
-benchmarks/README.md).
+benchmarks/README.md). (Over 300 lines: the built-in formats' and the Jinja templates' encoders share the
+labelling and truncation code; the loss-mode views sit beside them.)
 """
 
 from __future__ import annotations

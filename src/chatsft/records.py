@@ -20,6 +20,9 @@ Choices where the format is silent:
 - Problem lines escape what is not printable (newlines, ANSI escapes, lone surrogates in an id or a path), so
   a record cannot fake or garble the lines of others; the rejects file keeps the record as read (see
   `write_rejects`).
+
+(Over 300 lines: the read loop, its report and the rejects writer; the report and the writer are the next
+thing to move into a module of their own.)
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ becomes them.
 
 Training arguments extend `transformers.TrainingArguments`, so every HF flag works. FastChat's names are kept
 (`--data_path`, `--lazy_preprocess`, `--model_max_length`, ...); flags that transformers 5 renamed or removed
-are translated first by `chatsft.training.compat`.
+are translated first by `chatsft.training.compat`. (Over 300 lines: most of it is the fields' help text and
+their checks in `__post_init__`, which belong beside the fields.)
 """
 
 from __future__ import annotations

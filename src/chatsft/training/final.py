@@ -6,6 +6,7 @@ template, a generation config that stops on the end-of-turn ids and `use_cache: 
 `AutoModelForCausalLM`/`AutoTokenizer` and compared with the in-memory model (every tensor) and the training
 text. Only then are the files moved, one `os.replace` at a time, into `output_dir`, under the marker
 `chatsft-final.json`. Every rank takes part (the gathers are collectives); only the writer rank writes.
+(Over 300 lines: writing, reloading, comparing and moving into place are one transaction.)
 """
 
 from __future__ import annotations

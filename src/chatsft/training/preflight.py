@@ -4,7 +4,8 @@ Each failure is one line (`ConfigError` or `DataError`): the output folder canno
 hold two checkpoints, a data file is missing or unreadable, or a control token of the template is not one
 token of the tokenizer and will not be added. The checkpoint size comes from the safetensors headers of the
 model folder (exact parameter count and stored dtype, no tensor data read), else from config.json fields (an
-estimate). Record-level validation is `chatsft.records`' job; this module only opens the files.
+estimate). Record-level validation is `chatsft.records`' job; this module only opens the files. (Over 300
+lines: one short check per thing that can be wrong before the model loads, each with its own message.)
 """
 
 from __future__ import annotations
