@@ -224,12 +224,7 @@ def _function_call_turn(turn: dict, ck: str | None, n: int, names: set[str] | No
         raise Reject("missing_content", "no `value` field", n)
     value = turn[ck]
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise Reject(
-                "bad_tool_calls", f"the function_call `{ck}` is not valid JSON: {_why(e)}", n
-            ) from None
+        value = _parse_json(value, "bad_tool_calls", f"the function_call `{ck}`", n)
     calls = _tool_calls(value if isinstance(value, list) else [value], f"the function_call `{ck}`", n, names)
     if not calls:
         raise Reject("bad_tool_calls", f"the function_call `{ck}` is an empty list", n)
@@ -311,12 +306,7 @@ def _arguments(value, k: int, n: int) -> dict:
     if value is None:
         return {}
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise Reject(
-                "bad_tool_arguments", f"call {k}'s `arguments` is not valid JSON: {_why(e)}", n
-            ) from None
+        value = _parse_json(value, "bad_tool_arguments", f"call {k}'s `arguments`", n)
         if not isinstance(value, dict):
             raise Reject(
                 "bad_tool_arguments",
@@ -371,10 +361,7 @@ def to_tools(value) -> list[dict] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except (json.JSONDecodeError, RecursionError) as e:
-            raise Reject("bad_tools", f"`tools` is not valid JSON: {_why(e)}") from None
+        value = _parse_json(value, "bad_tools", "`tools`", None)
         if not isinstance(value, list):
             raise Reject("bad_tools", f"`tools` holds a JSON {type_name(value)}, expected a list")
     elif not isinstance(value, list):
@@ -456,6 +443,14 @@ def _text(value) -> str | None:
     ):
         return "".join(p["text"] for p in value)
     return None
+
+
+def _parse_json(text: str, reason: str, what: str, n: int | None):
+    """A field given as a JSON string, parsed; else a `Reject` with `reason` saying why `what` is not JSON."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise Reject(reason, f"{what} is not valid JSON: {_why(e)}", n) from None
 
 
 def _why(e: Exception) -> str:
