@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from chatsft.errors import DataError
-from chatsft.records import FILE_REASONS, REASONS, RECORD_REASONS, ReadPolicy, read_conversations
+from chatsft.records import FILE_REASONS, REASONS, RECORD_REASONS, ReadPolicy, SeenIds, read_conversations
 
 H, G = "human", "gpt"
 
@@ -153,6 +153,24 @@ def test_duplicate_ids_across_files(write_file):
     convs, report = read_conversations([a, b])
     assert len(convs) == 1
     assert str(report.problems[0]) == f"{b}:0 (id=good): duplicate_id: id 'good' was first used at {a}:0"
+
+
+def test_the_id_set_finds_every_repeat_and_names_its_first_use_in_15_to_19_bytes_an_id():
+    seen = SeenIds()
+    seen.begin("a.jsonl", 0)
+    n = 60_000
+    assert all(seen.first_use(f"conv-{i}", i) is None for i in range(n))
+    seen.begin("b.jsonl", n)
+    assert seen.first_use("conv-b", n) is None
+    assert [seen.first_use(f"conv-{i}", n + 1 + i) for i in (0, 1, 31_337, n - 1)] == [
+        "a.jsonl:0",
+        "a.jsonl:1",
+        "a.jsonl:31337",
+        f"a.jsonl:{n - 1}",
+    ]
+    assert seen.first_use("conv-b", n + 9) == "b.jsonl:0"  # a repeat is not kept again
+    assert len(seen) == n + 1
+    assert 15 <= seen.nbytes / len(seen) <= 19, seen.nbytes
 
 
 def test_jsonl_broken_line_keeps_the_others(write_file):

@@ -279,7 +279,7 @@ def iter_conversations(
 ) -> Iterator[Conversation]:
     """Yield the accepted conversations of `paths` one at a time, counting every record into `report`.
 
-    Memory does not grow with the data except by the id set (`SeenIds`, 12-36 bytes per record with an id)
+    Memory does not grow with the data except by the id set (`SeenIds`, 15-19 bytes per record with an id)
     and, when `report.keep` is set, the problems and rejected records kept for `check`. Rejected records are
     written to `policy.rejects_path` as they are met. `prepare(source, raw)`, if given, maps each raw record
     before validation (a mixture source's field and role mapping). `check_ratio=False` leaves the
@@ -287,19 +287,21 @@ def iter_conversations(
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     report = report if report is not None else ReadReport()
-    first_seen = SeenIds()
+    seen = SeenIds()
     with _RejectsFile(policy.rejects_path if policy is not None else None) as rejects:
         for source in _shards(paths, report, policy):
             report.files.append(source)
-            first_seen.begin(source, report.records_read)
+            seen.begin(source, report.records_read)
             items = _Items(source)
             for index, item in items:
                 report.records_read += 1
-                first_seen.ordinal = report.records_read - 1
                 try:
                     if prepare is not None and not isinstance(item, BadLine):
                         item = prepare(source, item)
-                    conv, dropped = _to_conversation(item, source, index, first_seen)
+                    conv, dropped = _to_conversation(item, source, index)
+                    if (rid := _id_for_message(item, index)) is not None:
+                        if (first := seen.first_use(rid, report.records_read - 1)) is not None:
+                            raise Reject("duplicate_id", f"id {rid!r} was first used at {first}")
                 except Reject as r:
                     rid = _id_for_message(item, index)
                     raw = item.line if isinstance(item, BadLine) else item
@@ -410,58 +412,69 @@ def _reject(report: ReadReport, problem: Problem, raw) -> dict:
 
 
 class SeenIds:
-    """The ids met so far, for `duplicate_id`: an open-addressing table of 64-bit string hashes and 32-bit
-    record numbers in two flat arrays (12 bytes a slot, kept at most 2/3 full: 18-36 MB per million ids), in
-    place of a dict of strings (about 150 bytes an id). Two different ids with the same 64-bit hash would be
-    taken for duplicates: about one chance in 10^6 at 10^7 ids. Used as the `first_seen` mapping of
-    `_to_conversation`: the location it returns is the `source:index` of the first record with that id
-    (`ordinal`, set by the read loop, is the number of the record being validated)."""
+    """The ids met so far, for `duplicate_id`, and where each was first used. Per id a 64-bit string hash and
+    a 32-bit record number, in open-addressing tables (two flat arrays each) kept 64-80% full: 15-19 MB per
+    million ids, where a dict of the strings takes about 150 bytes an id. The ids are spread over 256 tables
+    by their hash, so a table that grows (by a quarter) copies 1/256 of the set, not all of it: no moment
+    holds two copies. Two different ids with the same 64-bit hash would be taken for duplicates: about one
+    chance in 10^6 at 10^7 ids."""
 
-    def __init__(self, capacity: int = 1 << 12):
-        self._keys, self._where = array("q", bytes(8 * capacity)), array("I", bytes(4 * capacity))
-        self._size, self._starts, self._sources, self.ordinal = 0, [], [], 0
+    _FIRST = 16  # slots a table starts with
 
-    def begin(self, source: str, first_ordinal: int) -> None:
-        self._starts.append(first_ordinal)
+    def __init__(self):
+        self._keys = [array("q", bytes(8 * self._FIRST)) for _ in range(256)]
+        self._where = [array("I", bytes(4 * self._FIRST)) for _ in range(256)]
+        self._used = [0] * 256
+        self._starts: list[int] = []  # the record number each source starts at, and the sources
+        self._sources: list[str] = []
+
+    def begin(self, source: str, first_record: int) -> None:
+        """Records numbered from `first_record` on are from `source`."""
+        self._starts.append(first_record)
         self._sources.append(source)
 
-    def _slot(self, h: int) -> int:
-        keys, mask = self._keys, len(self._keys) - 1
-        i = h & mask
-        while (k := keys[i]) != 0 and k != h:
-            i = (i + 1) & mask
-        return i
+    def first_use(self, rid: str, record: int) -> str | None:
+        """Where `rid` was first used (`source:index`); None if it is new, and it is kept as used by `record`
+        (numbered across sources, as `begin` was told)."""
+        h = hash(rid) or 1  # 0 marks an empty slot
+        t = h & 0xFF  # the low 8 bits choose the table, the others the slot
+        keys = self._keys[t]
+        size = len(keys)
+        i = (h >> 8) % size
+        while (k := keys[i]) != 0:
+            if k == h:
+                first = self._where[t][i]
+                n = bisect.bisect_right(self._starts, first) - 1
+                return f"{self._sources[n]}:{first - self._starts[n]}"
+            i += 1
+            if i == size:
+                i = 0
+        keys[i], self._where[t][i] = h, record
+        self._used[t] += 1
+        if 5 * self._used[t] > 4 * size:
+            self._grow(t)
+        return None
 
-    def __contains__(self, rid: str) -> bool:
-        return self._keys[self._slot(hash(rid) or 1)] != 0  # 0 marks an empty slot
-
-    def __getitem__(self, rid: str) -> str:
-        i = self._slot(hash(rid) or 1)
-        if self._keys[i] == 0:
-            raise KeyError(rid)
-        ordinal = self._where[i]
-        n = bisect.bisect_right(self._starts, ordinal) - 1
-        return f"{self._sources[n]}:{ordinal - self._starts[n]}"
-
-    def __setitem__(self, rid: str, _where: str) -> None:
-        h = hash(rid) or 1
-        i = self._slot(h)
-        if self._keys[i] == 0:
-            self._size += 1
-        self._keys[i], self._where[i] = h, self.ordinal
-        if 3 * self._size > 2 * len(self._keys):
-            self._grow()
-
-    def _grow(self) -> None:
-        keys, where = self._keys, self._where
-        self._keys, self._where = array("q", bytes(16 * len(keys))), array("I", bytes(8 * len(keys)))
-        for k, w in zip(keys, where, strict=True):
+    def _grow(self, t: int) -> None:
+        size = len(self._keys[t]) + len(self._keys[t]) // 4
+        keys, where = array("q", bytes(8 * size)), array("I", bytes(4 * size))
+        for k, w in zip(self._keys[t], self._where[t], strict=True):
             if k:
-                i = self._slot(k)
-                self._keys[i], self._where[i] = k, w
+                i = (k >> 8) % size
+                while keys[i] != 0:
+                    i += 1
+                    if i == size:
+                        i = 0
+                keys[i], where[i] = k, w
+        self._keys[t], self._where[t] = keys, where
 
     def __len__(self) -> int:
-        return self._size
+        return sum(self._used)
+
+    @property
+    def nbytes(self) -> int:
+        """The tables' size in bytes (what the set holds in memory, less a few kB of bookkeeping)."""
+        return sum(k.itemsize * len(k) + w.itemsize * len(w) for k, w in zip(self._keys, self._where))
 
 
 class _Items:
@@ -488,7 +501,7 @@ def _id_for_message(raw, index: int) -> str | None:
     return None
 
 
-def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -> tuple[Conversation, int]:
+def _to_conversation(raw, source: str, index: int) -> tuple[Conversation, int]:
     """Validate one raw record; return it as a Conversation and how many leading assistant turns were
     dropped."""
     if isinstance(raw, BadLine):
@@ -544,13 +557,5 @@ def _to_conversation(raw, source: str, index: int, first_seen: dict[str, str]) -
     if all(m.get("weight") == 0 for m in messages if m["role"] == "assistant"):
         raise Reject("no_assistant_turn", "every assistant turn has weight 0: nothing to train on")
 
-    if rid is not None:
-        rid = str(rid)
-        where = f"{source}:{index}"
-        if rid in first_seen:
-            raise Reject("duplicate_id", f"id {rid!r} was first used at {first_seen[rid]}")
-        first_seen[rid] = where
-    conv = Conversation(
-        id=rid if rid is not None else str(index), messages=messages, source=source, index=index, tools=tools
-    )
-    return conv, dropped
+    rid = str(rid) if rid is not None else str(index)
+    return Conversation(id=rid, messages=messages, source=source, index=index, tools=tools), dropped
