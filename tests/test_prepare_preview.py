@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import chatsft
 from chatsft.commands.cli import main
 from chatsft.encode import IGNORE_INDEX, Encoder
 from chatsft.records import Conversation
 from chatsft.templates import BUILTINS
+
+SRC = str(Path(chatsft.__file__).parents[1])  # the code under test, also in the commands run as subprocesses
 
 RECORDS = [
     {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
@@ -243,3 +250,43 @@ def test_prepare_defaults_to_the_model_context_as_train_does(write_file, tiny_di
         f"--model_max_length not given: using the model's context, {TINY_CTX} tokens" in printed.splitlines()
     )
     assert max(len(x["input_ids"]) for x in lines(out)) == TINY_CTX  # what train would cut it to
+
+
+def test_preview_reads_only_as_far_as_the_record(write_file, mistral_dir, tmp_path, capsys):
+    whole = json.dumps(RECORDS[:2])
+    cut = tmp_path / "cut.json"
+    cut.write_text(whole[: whole.index('"id": "b"') + 12], encoding="utf-8")  # cut short in record 'b'
+    assert preview(cut, mistral_dir, "--color", "never") == 0
+    assert "« Hello!</s>»" in capsys.readouterr().out
+    assert preview(cut, mistral_dir, "--index", "1") == 2
+    assert "cut.json:" in capsys.readouterr().err  # record 'b' is where the file breaks
+
+
+# `python -m chatsft ...` that says at exit which of torch and transformers' model configurations (they
+# import torch) it imported
+AT_EXIT = """
+import atexit, runpy, sys
+heavy = ("torch", "transformers.configuration_utils")
+atexit.register(lambda: print("imported:", [m for m in heavy if m in sys.modules]))
+runpy.run_module("chatsft", run_name="__main__")
+"""
+
+
+def test_preview_prepare_and_check_never_import_torch(write_file, tiny_dir, mistral_dir, tmp_path):
+    data = write_file("data.json", RECORDS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (SRC, os.environ.get("PYTHONPATH"))))}
+    tiny, mistral = ("--model_name_or_path", str(tiny_dir)), ("--model_name_or_path", str(mistral_dir))
+    commands = {
+        "preview": ["--data_path", str(data), *tiny, "--conv_template", "chatml", "--color", "never"],
+        "prepare": ["--data_path", str(data), *mistral, "--output", str(tmp_path / "out.jsonl")],
+        "check": [str(data)],
+    }
+    runs = {}
+    for name, flags in commands.items():
+        cmd = [sys.executable, "-c", AT_EXIT, name, *flags]
+        runs[name] = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert runs[name].stdout.splitlines()[-1] == "imported: []", runs[name].stderr[-2000:]
+    preview = runs["preview"]
+    assert preview.returncode == 0 and "<|im_start|>assistant\n«Hello!<|im_end|>»" in preview.stdout
+    assert runs["prepare"].returncode == 0 and len(lines(tmp_path / "out.jsonl")) == 3
+    assert runs["check"].returncode == 1 and "empty" in runs["check"].stdout  # the record with an empty reply

@@ -82,3 +82,59 @@ def test_yuan2_preset_adds_tokens_and_resizes(tiny_dir, bpe_tokenizer):
     assert "family yuan2: template yuan2, 13 special tokens added" in notices
     assert f"embeddings resized {vocab} -> {vocab + 13} (new rows = mean of the old ones)" in more
     assert add_special_tokens(tokenizer, YUAN2_TOKENS) == 0 and not resize_embeddings(model, tokenizer)
+
+
+def test_the_copy_of_autotokenizers_exceptions_matches_transformers():
+    from transformers.models.auto import tokenization_auto as auto
+
+    from chatsft import tokenizer as module
+
+    generic = {"TokenizersBackend", "PythonBackend", "PreTrainedTokenizerFast", None}
+    assert list(module._BACKEND_IDS) == auto.MODEL_IDS_TO_TOKENIZERS_BACKEND
+    incorrect = auto.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+    registered = {m: auto.TOKENIZER_MAPPING_NAMES.get(m) for m in incorrect}
+    assert module._REGISTERED_WINS == {m: c for m, c in registered.items() if c not in generic}
+    mistral = {m for m, c in auto.TOKENIZER_MAPPING_NAMES.items() if c == "MistralCommonBackend"}
+    assert mistral <= module._MISTRAL_COMMON_TYPES  # all of them while mistral-common is installed
+
+
+def test_tokenizer_class_is_the_one_autotokenizer_loads(tiny_dir, mistral_dir, bpe_tokenizer, tmp_path):
+    """Without AutoTokenizer (and torch) where its answer is sure: the same class and the same ids; where
+    one of its exceptions may apply, None, and AutoTokenizer decides."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from chatsft.tokenizer import _tokenizer_class
+
+    def folder(name, model_type, tokenizer_class):
+        dest = tmp_path / name
+        bpe_tokenizer.save_pretrained(dest)
+        settings = json.loads((dest / "tokenizer_config.json").read_text())
+        settings["tokenizer_class"] = tokenizer_class
+        (dest / "tokenizer_config.json").write_text(json.dumps(settings))
+        (dest / "config.json").write_text(json.dumps({"model_type": model_type}))
+        return dest
+
+    qwen_named = folder("qwen_named", "qwen2", "Qwen2TokenizerFast")
+    qwen_generic = folder("qwen_generic", "qwen2", "TokenizersBackend")  # qwen2: the registered class wins
+    mistral_generic = folder("mistral_generic", "mistral", "PreTrainedTokenizerFast")
+    llama_json = folder("llama_json", "llama", "LlamaTokenizer")  # AutoTokenizer reads tokenizer.json first
+    # folder: (the class found without AutoTokenizer, the class AutoTokenizer loads)
+    expected = {
+        tiny_dir: ("TokenizersBackend", "TokenizersBackend"),
+        mistral_dir: ("LlamaTokenizer", "LlamaTokenizer"),
+        qwen_named: ("Qwen2Tokenizer", "Qwen2Tokenizer"),
+        qwen_generic: (None, "Qwen2Tokenizer"),
+        mistral_generic: (None, "TokenizersBackend"),
+        llama_json: (None, "TokenizersBackend"),
+    }
+    text = "USER: Hello! 你好 ASSISTANT: fine</s>"
+    for path, (name, auto_name) in expected.items():
+        cls = _tokenizer_class(str(path))
+        auto = AutoTokenizer.from_pretrained(path)
+        ours = load_tokenizer(path, model_max_length=128)
+        assert ((cls and cls.__name__), type(auto).__name__) == (name, auto_name), path
+        assert type(ours) is type(auto)
+        assert ours(text).input_ids == auto(text).input_ids
+        assert ours.all_special_tokens == auto.all_special_tokens

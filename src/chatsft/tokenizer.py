@@ -3,12 +3,22 @@
 No weights are read (data problems surface before the model loads) and nothing here imports torch, so
 `prepare`, `preview` and `check` stay light. `load_encoder` is the one path from a model folder to an
 `Encoder` and its stop ids, shared by `train`, `prepare` and `preview`.
+
+transformers' AutoConfig and AutoTokenizer import every model configuration and, through them, torch: seconds
+before `preview` shows one record. For a local folder both are read without them where the answer is sure
+to be the same: the config fields the presets and the context need straight from config.json
+(`read_config_fields`), and the tokenizer class from tokenizer_config.json (`_tokenizer_class`, which
+copies AutoTokenizer's exceptions; tests/test_tokenizer.py checks the copy against transformers). Anything
+else goes through AutoConfig and AutoTokenizer as before.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 from chatsft.encode import LOSS_MODES, Encoder, loss_mode_from_flags
@@ -59,12 +69,15 @@ def load_tokenizer(
     path, *, model_max_length: int, trust_remote_code: bool = False, padding_side: str = "right"
 ):
     """The (fast) tokenizer from a local folder or a cached hub id, with model_max_length and padding_side."""
-    from transformers import AutoTokenizer
-
     if padding_side not in ("right", "left"):
         raise ConfigError(f"padding_side must be 'right' or 'left', not {padding_side!r}")
     path = check_model_path(path, "tokenizer")
+    cls = None if trust_remote_code else _tokenizer_class(path)
     try:
+        if cls is not None:
+            return cls.from_pretrained(path, model_max_length=model_max_length, padding_side=padding_side)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(
             path,
             model_max_length=model_max_length,
@@ -74,6 +87,90 @@ def load_tokenizer(
     # no tokenizer files, protobuf missing, remote code refused
     except (OSError, ValueError, TypeError) as err:
         raise hub_error(path, "tokenizer", err) from None
+
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def read_config_fields(path):
+    """`model_type`, `vocab_size` and `max_position_embeddings` of a local model folder's config.json, read
+    as JSON; None where only AutoConfig can say (remote code, an unknown model type, a field missing or
+    nested, so that a class default or an attribute map would decide)."""
+    raw = _read_json(Path(path) / "config.json")
+    if raw is None or "auto_map" in raw:
+        return None
+    from transformers.models.auto.auto_mappings import CONFIG_MAPPING_NAMES
+
+    fields = ("vocab_size", "max_position_embeddings")
+    if raw.get("model_type") not in CONFIG_MAPPING_NAMES or not all(type(raw.get(f)) is int for f in fields):
+        return None
+    return SimpleNamespace(model_type=raw["model_type"], **{f: raw[f] for f in fields})
+
+
+# AutoTokenizer's exceptions to "the class tokenizer_config.json names" for a local folder without remote
+# code (transformers 5.24, models/auto/tokenization_auto.py): hub ids it loads with TokenizersBackend
+# (MODEL_IDS_TO_TOKENIZERS_BACKEND), model types whose registered class beats the named one
+# (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, those not registered as TokenizersBackend), and model types
+# that may load with MistralCommonBackend when the named class is generic.
+_BACKEND_IDS = (
+    "deepseek-ai/deepseek-r1-distill-llama-*",
+    "deepseek-ai/deepseek-coder-*",
+    "allenai/dolma2-tokenizer",
+    "google/umt5-small",
+    "naver-clova-ix/donut-*",
+    "salesforce/blip2-opt-*",
+    "salesforce/blip2-flan-t5-*",
+    "salesforce/instructblip-flan-t5-*",
+    "stepfun-ai/step-3.7-*",
+)
+_REGISTERED_WINS = {
+    "hyperclovax_vision_v2": "GPT2Tokenizer",
+    "qwen2": "Qwen2Tokenizer",
+    "qwen3_5": "Qwen3_5Tokenizer",
+    "qwen3_5_moe": "Qwen3_5Tokenizer",
+    "qwen3_5_moe_text": "Qwen3_5Tokenizer",
+    "qwen4_exp": "Qwen3_5Tokenizer",
+    "siglip2": "Siglip2Tokenizer",
+}
+_MISTRAL_COMMON_TYPES = frozenset(
+    "ministral ministral3 mistral mistral3 mistral_large4 mixtral pixtral voxtral voxtral_realtime".split()
+)
+_GENERIC = ("TokenizersBackend", "PreTrainedTokenizerFast", "PythonBackend")
+
+
+def _tokenizer_class(path: str):
+    """The class AutoTokenizer would load the local folder `path` with, found without importing it; None
+    where any of its other rules could apply (then AutoTokenizer decides)."""
+    folder = Path(path)
+    settings = _read_json(folder / "tokenizer_config.json") if folder.is_dir() else None
+    name = settings.get("tokenizer_class") if settings else None
+    if not isinstance(name, str) or "auto_map" in settings:
+        return None
+    if any(fnmatch.fnmatch(os.fspath(path).lower(), pattern) for pattern in _BACKEND_IDS):
+        return None
+    name = name if name == "PreTrainedTokenizerFast" else name.removesuffix("Fast")
+    if name == "LlamaTokenizer" and (folder / "tokenizer.json").is_file():
+        return None  # AutoTokenizer looks for a ByteLevel tokenizer.json, which LlamaTokenizer would mangle
+    config = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    if config is None or "auto_map" in config or "model_name" in config:  # model_name: as model_type below
+        return None
+    model_type = config.get("model_type")
+    if model_type in _REGISTERED_WINS and _REGISTERED_WINS[model_type] != name:
+        return None
+    if model_type in _MISTRAL_COMMON_TYPES and name in _GENERIC:
+        return None
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedTokenizerBase)):
+        return None
+    return transformers.TokenizersBackend if cls.__name__ == "PythonBackend" else cls
 
 
 def add_special_tokens(tokenizer, tokens: list[str]) -> int:
@@ -163,6 +260,7 @@ def load_encoder(
             model_max_length=model_max_length,
             model_family=model_family,
             extra_special_tokens=extra_special_tokens,
+            config=read_config_fields(path),
         )
     elif tokenizer is None:  # a tokenizer-only folder
         tokenizer = load_tokenizer(path, model_max_length=model_max_length)
@@ -231,7 +329,10 @@ def load_encoder_from_args(args) -> LoadedEncoder:
     max_length, notices = args.model_max_length, []
     if max_length is None:  # what train would use, so that the examples shown are the ones it trains on
         has_config = (Path(args.model_name_or_path) / "config.json").is_file()
-        max_length = context_length(load_config(args.model_name_or_path)) if has_config else FALLBACK_CONTEXT
+        path = args.model_name_or_path
+        max_length = (
+            context_length(read_config_fields(path) or load_config(path)) if has_config else FALLBACK_CONTEXT
+        )
         notices.append(
             f"--model_max_length not given: using the model's context, {max_length} tokens"
             if has_config

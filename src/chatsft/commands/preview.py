@@ -24,7 +24,7 @@ from pathlib import Path
 
 from chatsft.encode import IGNORE_INDEX, Example
 from chatsft.errors import DataError
-from chatsft.records import ReadPolicy, printable, read_conversations
+from chatsft.records import ReadPolicy, iter_conversations, printable
 from chatsft.tokenizer import add_encoder_arguments, load_encoder_from_args
 
 _TRAINED = ("\033[30;42m", "\033[30;102m")
@@ -177,18 +177,25 @@ pre {{ white-space: pre-wrap; font-size: 14px; line-height: 1.6; border: 1px sol
 """
 
 
+def pick(args):
+    """The record --id or --index names, reading only as far as it (the whole input only to say it is not
+    there)."""
+    conversations, count = iter_conversations(args.data_path, ReadPolicy(max_invalid_ratio=1.0)), 0
+    try:
+        for conv in conversations:
+            if conv.id == args.id if args.id is not None else count == args.index:
+                return conv
+            count += 1
+    finally:
+        conversations.close()
+    if args.id is not None:
+        raise DataError(f"no accepted record has id {args.id!r} (`chatsft check` lists rejected records)")
+    raise DataError(f"--index {args.index}: there are {count} accepted records")
+
+
 def run(args) -> int:
     encoder, notices = load_encoder_from_args(args)
-    conversations, report = read_conversations(args.data_path, policy=ReadPolicy(max_invalid_ratio=1.0))
-    if args.id is not None:
-        chosen = [c for c in conversations if c.id == args.id]
-        if not chosen:
-            raise DataError(f"no accepted record has id {args.id!r} (`chatsft check` lists rejected records)")
-        conv = chosen[0]
-    else:
-        if not 0 <= args.index < len(conversations):
-            raise DataError(f"--index {args.index}: there are {len(conversations)} accepted records")
-        conv = conversations[args.index]
+    conv = pick(args)
     result = encoder.encode(conv, keep_spans=True)
     where = f"{conv.source}:{conv.index}"
     title = printable(f"record {conv.id} ({where}), template {encoder.template.name}, {encoder.loss_mode}")
