@@ -89,7 +89,6 @@ def load_tokenizer(
         raise hub_error(path, "tokenizer", err) from None
 
 
-
 def _read_json(path: Path) -> dict | None:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
