@@ -105,6 +105,13 @@ def write_file(tmp_path):
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread for the test process and every process it starts (set before torch is imported; an
+# explicit OMP_NUM_THREADS wins). The models here are tiny: a second intra-op thread buys nothing, and where
+# the cores are shared OpenMP's barrier makes every op wait for a thread that is not running. On the 2-core
+# development machine under load, the GPU script's four tiny trainings took 23 s with two threads, 6 s with
+# one; the demo's own default is one thread for the same reason (`chatsft.commands.demo.thread_env`).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
 
 TINY_CTX, TINY_THETA = 64, 500000.0
