@@ -167,77 +167,112 @@ def test_two_processes_write_everything_once(setup, one_process, two_processes):
     assert "rank 1:" not in one_output
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes(setup, two_processes):
-    """Only rank 1 gets SIGTERM: the ranks agree at the end of the step, both save that step's checkpoint and
-    exit 143; `torchrun -m chatsft.train` relaunched with the same flags ends exactly like the uninterrupted
-    run."""
-    two, _, _ = two_processes
+def _folder_state(out):
+    """What a test must see of `out` before the next launch touches it: each checkpoint's problem (None when
+    complete) and RNG files, and whether a final model is there."""
+    return {
+        "checkpoints": {
+            step: (checkpoint_problem(folder), sorted(p.name for p in folder.glob("rng_state*")))
+            for step, folder in checkpoints(out).items()
+        },
+        "final": (out / FINAL_MARKER_NAME).exists(),
+    }
+
+
+@pytest.fixture(scope="module")
+def preempted_twice(setup):
+    """One run pre-empted twice, as a busy cluster may do: launch 1 gets SIGTERM to rank 1 only after its
+    first logged step; launch 2, the same command, resumes and gets SIGTERM to torchrun after its first
+    logged step; launch 3, the same command again, resumes and runs to the end. Two interruptions each
+    followed by its own resumption would take four launches; chained they take three, and each stop is still
+    checked on its own (the folder is looked at before the next launch touches it) while the end must be
+    bit-identical to the uninterrupted run. Returns {launch: (rc, output, folder state after it)}, the rank
+    pids of launch 1, and the output folder."""
     out = setup.root / "sigterm"
     argv = flags(setup, out, setup.root / "cache-two", ACCUMULATION)
+    launches = {}
     with Launch(command(argv, nproc=2), setup.root / "sigterm1.log") as launch:
         launch.wait_for(lambda: "'loss'" in launch.output(), "the first logged step")
         workers = launch.worker_pids()
         assert sorted(workers) == [0, 1]
         os.kill(workers[1], signal.SIGTERM)
         rc = launch.wait()
-        output = launch.output()
+        launches[1] = (rc, launch.output(), _folder_state(out))
+    with Launch(command(argv, nproc=2), setup.root / "sigterm2.log") as launch:
+        launch.wait_for(lambda: "'loss'" in launch.output(), "the first logged step after resuming")
+        launch.proc.send_signal(signal.SIGTERM)
+        rc = launch.wait()
+        launches[2] = (rc, launch.output(), _folder_state(out))
+    rc, output = run(command(argv, nproc=2), setup.root / "sigterm3.log")
+    launches[3] = (rc, output, _folder_state(out))
+    return launches, workers, out
+
+
+def stopped_step(output: str) -> int:
+    stopped = [line for line in output.splitlines() if "stopped by SIGTERM after step" in line]
+    assert len(stopped) == 1, output[-3000:]
+    step = int(stopped[0].split("after step ")[1].split(":")[0])
+    assert 1 <= step < MAX_STEPS
+    return step
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes(preempted_twice, two_processes):
+    """Only rank 1 gets SIGTERM (launch 1 of `preempted_twice`): the ranks agree at the end of the step, both
+    save that step's checkpoint and exit 143; `torchrun -m chatsft.train` relaunched with the same flags
+    resumes from it, and the run ends exactly like the uninterrupted one."""
+    launches, workers, out = preempted_twice
+    assert sorted(workers) == [0, 1]
+    rc, output, _ = launches[1]
     assert rc != 0, output[-3000:]
     # Each rank exits 143 after the checkpoint; once the first has left, torchrun sends SIGTERM to the other,
     # which then may be past the save with the default handler back (-15): nothing is lost by then, since no
     # rank leaves `CheckpointMarker.on_save` before every rank has finished the checkpoint.
     codes = dict(re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s*exitcode\s*: (-?\d+)", output))
     assert "143" in codes.values() and set(codes.values()) <= {"143", "-15"}, output[-3000:]
-    stopped = [line for line in output.splitlines() if "stopped by SIGTERM after step" in line]
-    assert len(stopped) == 1, output[-3000:]
-    step = int(stopped[0].split("after step ")[1].split(":")[0])
-    assert 1 <= step < MAX_STEPS
+    step = stopped_step(output)
     # rank 1 got the signal, rank 0 learnt of it from the all-reduce at the same step's end
     agreed = sorted(line for line in output.splitlines() if "pre-emption: SIGTERM received" in line)
     assert agreed == [
         f"pre-emption: SIGTERM received by another process, saving checkpoint-{step} and stopping",
         f"pre-emption: SIGTERM received here, saving checkpoint-{step} and stopping",
     ], agreed
-    assert_saved_and_resumes_like(two, out, step, argv, setup.root / "sigterm2.log")
-
-
-def assert_saved_and_resumes_like(reference, out, step, argv, log):
-    """checkpoint-`step` is complete with both ranks' RNG states and no final model; relaunching `argv`
-    resumes from it and ends bit-identical to the uninterrupted `reference` run."""
-    saved = out / f"checkpoint-{step}"
-    assert checkpoint_problem(saved) is None
-    assert sorted(p.name for p in saved.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
-    assert not (out / FINAL_MARKER_NAME).exists()
-    rc, output = run(command(argv, nproc=2), log)
-    assert rc == 0, output[-3000:]
-    assert f"resuming from {saved}" in output
-    assert logged(out) == logged(reference)
-    w, ref = weights(out), weights(reference)
-    assert [k for k in ref if not torch.equal(w[k], ref[k])] == []
+    assert_saved_and_resumes_like(two_processes[0], out, step, launches[1], launches[2], launches[3])
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sigterm_to_torchrun_reaches_every_rank_and_they_save(setup, two_processes):
-    """What a scheduler does: SIGTERM to the launcher. torchrun passes it to every worker and waits its
-    --shutdown-timeout (30 s by default: the example scripts raise it) before SIGKILL; the ranks finish the
-    step, save it and exit 143, and the relaunch ends like the uninterrupted run."""
-    two, _, _ = two_processes
-    out = setup.root / "sigterm-launcher"
-    argv = flags(setup, out, setup.root / "cache-two", ACCUMULATION)
-    with Launch(command(argv, nproc=2), setup.root / "launcher1.log") as launch:
-        launch.wait_for(lambda: "'loss'" in launch.output(), "the first logged step")
-        launch.proc.send_signal(signal.SIGTERM)
-        rc = launch.wait()
-        output = launch.output()
+def test_sigterm_to_torchrun_reaches_every_rank_and_they_save(preempted_twice, two_processes):
+    """What a scheduler does: SIGTERM to the launcher (launch 2 of `preempted_twice`, itself a resumed run).
+    torchrun passes it to every worker and waits its --shutdown-timeout (30 s by default: the example scripts
+    raise it) before SIGKILL; the ranks finish the step, save it and exit 143, and the relaunch ends like the
+    uninterrupted run."""
+    launches, _, out = preempted_twice
+    rc, output, _ = launches[2]
     assert rc != 0, output[-3000:]
-    stopped = [line for line in output.splitlines() if "stopped by SIGTERM after step" in line]
-    assert len(stopped) == 1, output[-3000:]
-    step = int(stopped[0].split("after step ")[1].split(":")[0])
+    step = stopped_step(output)
+    assert step > stopped_step(launches[1][1])  # it trained on from launch 1's checkpoint before stopping
     received = [line for line in output.splitlines() if line.startswith("pre-emption: SIGTERM received here")]
     assert len(received) == 2, output[-3000:]  # both ranks got it from torchrun
-    assert_saved_and_resumes_like(two, out, step, argv, setup.root / "launcher2.log")
+    assert_saved_and_resumes_like(two_processes[0], out, step, launches[2], launches[3], launches[3])
+
+
+def assert_saved_and_resumes_like(reference, out, step, stopped, resumed, last):
+    """After the `stopped` launch, checkpoint-`step` is complete with both ranks' RNG states and there is no
+    final model; the `resumed` launch (the same flags) resumes from it; after the `last` launch the run exited
+    0 and is bit-identical to the uninterrupted `reference` run."""
+    saved = out / f"checkpoint-{step}"
+    problem, rng = stopped[2]["checkpoints"][step]
+    assert problem is None
+    assert rng == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert not stopped[2]["final"]
+    assert f"resuming from {saved}" in resumed[1]
+    rc, output, _ = last
+    assert rc == 0, output[-3000:]
+    assert logged(out) == logged(reference)
+    w, ref = weights(out), weights(reference)
+    assert [k for k in ref if not torch.equal(w[k], ref[k])] == []
 
 
 @pytest.mark.slow
