@@ -24,6 +24,7 @@ import json
 import os
 import re
 import signal
+import sys
 from collections import defaultdict
 
 import pytest
@@ -32,6 +33,7 @@ from chatsft_runs import (
     Launch,
     checkpoints,
     command,
+    free_port,
     logged,
     make_setup,
     read_trace,
@@ -116,6 +118,28 @@ def test_two_processes_train_like_one_with_twice_the_accumulation(one_process, t
     assert w1.keys() == w2.keys()
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_accelerate_launch_trains_like_torchrun(setup, two_processes):
+    """The README's `accelerate launch --multi_gpu --num_processes 2 -m chatsft.train ...` (on a CPU machine
+    `--multi_gpu` is what makes accelerate start the processes through torch.distributed.run; without it,
+    `--num_processes 2` starts one): the same run as under torchrun."""
+    out = setup.root / "accelerate"
+    argv = flags(setup, out, setup.root / "cache-accelerate", ACCUMULATION, cpu=torch.cuda.is_available())
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(free_port()), "-m", "chatsft.train"]
+    rc, output = run([*launch, *argv], setup.root / "accelerate.log")
+    assert rc == 0, output[-3000:]
+    if not torch.cuda.is_available():
+        joined = "[chatsft] no GPU is visible: 2 CPU processes joined over gloo (as with --use_cpu True)"
+        assert joined in output
+    assert output.count("[chatsft] saved the final model") == 1
+    for a, b in zip(logged(two_processes[0]), logged(out), strict=True):
+        assert (a["step"], a["epoch"]) == (b["step"], b["epoch"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=0)
 
 
 @pytest.mark.slow
