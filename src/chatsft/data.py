@@ -81,7 +81,7 @@ class Split:
         return json.dumps(body, indent=2, ensure_ascii=False) + "\n"
 
 
-def build_datasets(
+def plan_data(
     encoder: Encoder,
     data_path: list[str] | None = None,
     *,
@@ -89,23 +89,45 @@ def build_datasets(
     eval_data_path: list[str] | None = None,
     train_ratio: float = 1.0,
     seed: int = 42,
-    lazy: bool = False,
-    num_workers: int | None = None,
     cache_dir=None,
-    policy: ReadPolicy | None = None,
-    progress: bool = False,
-) -> Split:
-    """Read, validate, sample, split and encode `sources` (or one source per `data_path` entry). Under
-    torchrun every process calls it: the first to lock the cache entry encodes, the others wait and map it."""
+) -> DataPlan:
+    """What to read and how: `sources` (or one source per `data_path` entry), the split and the cache."""
     if not 0.0 < train_ratio <= 1.0:
         raise ConfigError(f"--train_ratio must be in (0, 1], got {train_ratio}")
     if eval_data_path and train_ratio < 1.0:
         raise ConfigError("give either --eval_data_path or --train_ratio below 1, not both")
     sources = sources or [DataSource(p) for p in data_path or []]
-    plan = _Plan(encoder, sources, [DataSource(p) for p in eval_data_path or []], train_ratio, seed)
-    policy = policy or ReadPolicy()
     root = Path(cache_dir) if cache_dir else cache.default_cache_dir()
-    key = plan.key(root)
+    return DataPlan(encoder, sources, [DataSource(p) for p in eval_data_path or []], train_ratio, seed, root)
+
+
+def build_datasets(
+    encoder: Encoder,
+    data_path: list[str] | None = None,
+    *,
+    lazy: bool = False,
+    num_workers: int | None = None,
+    policy: ReadPolicy | None = None,
+    progress: bool = False,
+    **plan_args,
+) -> Split:
+    """`build(plan_data(encoder, data_path, **plan_args), ...)`, in one call."""
+    plan = plan_data(encoder, data_path, **plan_args)
+    return build(plan, lazy=lazy, num_workers=num_workers, policy=policy, progress=progress)
+
+
+def build(
+    plan: DataPlan,
+    *,
+    lazy: bool = False,
+    num_workers: int | None = None,
+    policy: ReadPolicy | None = None,
+    progress: bool = False,
+) -> Split:
+    """Read, validate, sample, split and encode what `plan` names. Under torchrun every process calls it:
+    the first to lock the cache entry encodes, the others wait and map it."""
+    policy = policy or ReadPolicy()
+    root, key = plan.root, plan.key
     entry, notices = root / (f"{key}-audit" if lazy else key), []
     with cache.locked(entry, wait_notice="preprocessing"):
         manifest, bad = cache.verify(root / key) if lazy else (None, None)
@@ -149,33 +171,16 @@ def build_datasets(
                  [entry], manifest["sources"])  # fmt: skip
 
 
-def data_identity(
-    encoder: Encoder,
-    data_path: list[str] | None = None,
-    *,
-    sources: list[DataSource] | None = None,
-    eval_data_path: list[str] | None = None,
-    train_ratio: float = 1.0,
-    seed: int = 42,
-    cache_dir=None,
-) -> tuple[list[list[str]], str]:
-    """(the fingerprints of every source's shards, the cache key) that `build_datasets` with the same
-    arguments uses: what a run manifest records to recognise the data on resume."""
-    sources = sources or [DataSource(p) for p in data_path or []]
-    plan = _Plan(encoder, sources, [DataSource(p) for p in eval_data_path or []], train_ratio, seed)
-    root = Path(cache_dir) if cache_dir else cache.default_cache_dir()
-    return plan.fingerprints(root), plan.key(root)
+class DataPlan:
+    """What to read and how: the sources, their encoders, the split, the cache folder; and the stream of
+    (side, source number, conversation, copies) it makes. The run manifest takes its identity (the shards'
+    fingerprints, the cache key) from the same plan that `build` reads, so both are computed once."""
 
-
-class _Plan:
-    """What to read and how: the sources, their encoders, the split; and the stream of (side, source number,
-    conversation, copies) it makes."""
-
-    def __init__(self, encoder, sources, eval_sources, train_ratio, seed):
+    def __init__(self, encoder, sources, eval_sources, train_ratio, seed, root: Path):
         if not sources:
             raise ConfigError("no training data: give --data_path or --datasets")
         self.encoder, self.sources, self.eval_sources = encoder, [*sources, *eval_sources], eval_sources
-        self.n_train, self.train_ratio, self.seed = len(sources), train_ratio, seed
+        self.n_train, self.train_ratio, self.seed, self.root = len(sources), train_ratio, seed, root
         self.encoders = [s.encoder(encoder) for s in self.sources]
         self.owner: list[dict[str, int]] = [{}, {}]  # per side: shard file -> source number
         for n, src in enumerate(self.sources):
@@ -188,18 +193,20 @@ class _Plan:
                     raise ConfigError(f"{f} is given twice; give it once (with a weight to use it more)")
                 self.owner[n >= self.n_train][f] = n
 
-    def fingerprints(self, root: Path) -> list[list[str]]:
+    @functools.cached_property
+    def fingerprints(self) -> list[list[str]]:
         """Per source, the fingerprint of each of its shards (a file's SHA-256, a `datasets` fingerprint)."""
         return [
-            [_fingerprint(f, root) for f, m in self.owner[n >= self.n_train].items() if m == n]
+            [_fingerprint(f, self.root) for f, m in self.owner[n >= self.n_train].items() if m == n]
             for n in range(len(self.sources))
         ]
 
-    def key(self, root: Path) -> str:
+    @functools.cached_property
+    def key(self) -> str:
+        """The cache key: the tokenizer, the split, and per source its options, encoder and shards."""
         parts = [cache.tokenizer_fingerprint(self.encoder.tokenizer), f"{self.train_ratio}:{self.seed}"]
-        for n, (src, enc, prints) in enumerate(
-            zip(self.sources, self.encoders, self.fingerprints(root), strict=True)
-        ):
+        every = zip(self.sources, self.encoders, self.fingerprints, strict=True)
+        for n, (src, enc, prints) in enumerate(every):
             parts += [f"{'eval' if n >= self.n_train else 'train'} {src.key()}", enc.loss_mode]
             parts += [str(enc.max_length), repr(enc.template), *prints]
         return cache.cache_key(parts)
@@ -271,7 +278,7 @@ def _counts() -> dict:
     return {"accepted": 0, "train_conversations": 0, "eval_conversations": 0}
 
 
-def _encode_entry(plan: _Plan, entry: Path, policy: ReadPolicy, num_workers, progress, write: bool) -> dict:
+def _encode_entry(plan: DataPlan, entry: Path, policy: ReadPolicy, num_workers, progress, write) -> dict:
     import pyarrow as pa
     from tqdm import tqdm
 

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     announce(say, steps.check_run(model_args, data_args, args))
     tokenizer, encoder, notices = steps.tokenizer_and_encoder(model_args, data_args, args)
     announce(say, notices)
-    manifest = run_manifest(model_args, data_args, args, encoder)
+    plan = steps.data_plan(encoder, data_args, args)
+    manifest = run_manifest(model_args, data_args, args, encoder, plan)
     resume, notices, finished = resolve_run(args.output_dir, manifest, args=args, writer=args.should_save)
     announce(
         say, [*notices, "" if finished else f"resuming from {resume}" if resume else "starting from step 0"]
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if finished:
         return 0
 
-    split = steps.datasets(encoder, data_args, args)
+    split = steps.datasets(plan, data_args, args)
     announce(say, split.notices, gather=True)
     announce(say, split.audit_notices())
     args.check_eval_set(split.eval is not None)

@@ -95,29 +95,18 @@ def _plain(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def run_manifest(model_args, data_args, args, encoder) -> dict:
-    """The manifest of the run these arguments describe (every rank computes the same)."""
+def run_manifest(model_args, data_args, args, encoder, plan) -> dict:
+    """The manifest of the run these arguments and this data plan describe (every rank computes the same)."""
     from chatsft.cache import tokenizer_fingerprint
-    from chatsft.data import data_identity
 
-    seed = args.data_seed if args.data_seed is not None else args.seed
-    prints, key = data_identity(
-        encoder,
-        data_args.data_path,
-        sources=getattr(data_args, "sources", None),
-        eval_data_path=data_args.eval_data_path,
-        train_ratio=data_args.train_ratio,
-        seed=seed,
-        cache_dir=getattr(args, "cache_dir", None),
-    )
     arguments = {name: getattr(args, name, None) for name in TRAINING_FIELDS}
     arguments |= {name: getattr(model_args, name) for name in MODEL_FIELDS}
     arguments |= {name: getattr(data_args, name) for name in DATA_FIELDS}
     return _plain(
         {
             "format": FORMAT,
-            "data files": [p[:32] for group in prints for p in group],
-            "data cache key": key,
+            "data files": [p[:32] for group in plan.fingerprints for p in group],
+            "data cache key": plan.key,
             "template": f"{encoder.template.name} {_sha(repr(encoder.template))}",
             "loss mode": encoder.loss_mode,
             "model": model_fingerprint(model_args.model_name_or_path),

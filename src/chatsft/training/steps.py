@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chatsft.data import build_datasets
+from chatsft.data import build, plan_data
 from chatsft.tokenizer import load_encoder, prepare_tokenizer
 from chatsft.training.distributed import check_fsdp_supported, check_launch, fill_fsdp_config
 from chatsft.training.lock import acquire_run_lock
@@ -60,17 +60,24 @@ def tokenizer_and_encoder(model_args, data_args, args):
     return tokenizer, encoder, [*notices, *more, *last]
 
 
-def datasets(encoder, data_args, args):
-    """The run's `Split`: read, validated, encoded (or lazy), audited; rejected records kept by the writer."""
-    return build_datasets(
+def data_plan(encoder, data_args, args):
+    """What the run reads and how (sources, split, cache folder): the run manifest and `datasets` share it."""
+    return plan_data(
         encoder,
         sources=data_args.sources,
         eval_data_path=data_args.eval_data_path,
         train_ratio=data_args.train_ratio,
         seed=args.data_seed if args.data_seed is not None else args.seed,
+        cache_dir=args.cache_dir,
+    )
+
+
+def datasets(plan, data_args, args):
+    """The run's `Split`: read, validated, encoded (or lazy), audited; rejected records kept by the writer."""
+    return build(
+        plan,
         lazy=data_args.lazy_preprocess,
         num_workers=data_args.preprocessing_num_workers,
-        cache_dir=args.cache_dir,
         policy=data_args.read_policy(Path(args.output_dir) if args.should_save else None),  # one writer
         progress=args.should_log and not args.disable_tqdm,
     )
