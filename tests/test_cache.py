@@ -66,9 +66,15 @@ def damage_train(entry, how, other=None):
         (entry / "manifest.json").unlink()
     elif how == "bad manifest":
         (entry / "manifest.json").write_text("{not json")
+    elif how == "edited manifest":  # still valid JSON, one count changed: only its own checksum tells
+        manifest = json.loads((entry / "manifest.json").read_text())
+        manifest["audits"]["train"]["tokens"] += 1
+        (entry / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("how", ["truncated", "empty", "flipped", "swapped", "no manifest", "bad manifest"])
+@pytest.mark.parametrize(
+    "how", ["truncated", "empty", "flipped", "swapped", "no manifest", "bad manifest", "edited manifest"]
+)
 def test_a_damaged_entry_is_encoded_again_with_a_notice(how, setup, write_file, bpe_tokenizer, tmp_path):
     encoder, path, root, first = setup
     entry = first.cache_paths[0]
@@ -87,6 +93,8 @@ def test_a_damaged_entry_is_encoded_again_with_a_notice(how, setup, write_file, 
 def _why(how, entry, other_manifest):
     if how in ("no manifest", "bad manifest"):
         return "its manifest is missing or unreadable"
+    if how == "edited manifest":
+        return "its manifest does not match its own checksum"
     size = json.loads((entry / "manifest.json").read_text())["sets"]["train"]["bytes"]
     now = (entry / "train.arrow").stat().st_size
     assert how != "swapped" or now == other_manifest["sets"]["train"]["bytes"] != size
@@ -105,6 +113,8 @@ def test_rows_are_checked_against_the_manifest(setup):
     entry = first.cache_paths[0]
     manifest = json.loads((entry / "manifest.json").read_text())
     manifest["sets"]["train"]["rows"] = 20000
+    del manifest[cache.SELF_CHECKSUM]
+    manifest[cache.SELF_CHECKSUM] = cache.manifest_checksum(manifest)  # sealed again, as a buggy writer would
     (entry / "manifest.json").write_text(json.dumps(manifest))
     again = build(encoder, path, root)
     assert any("train.arrow has 40 rows, its manifest says 20000" in n for n in again.notices)

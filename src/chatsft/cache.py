@@ -3,13 +3,14 @@ verification, the lock that lets one process per cache folder encode while the o
 of stale folders.
 
 An entry is a folder `<cache_dir>/<key>/` holding `train.arrow` (and `eval.arrow`), the rejected records, and
-`manifest.json`, written last: the row count, byte size and xxh3-128 checksum of every Arrow file, the audits,
-the read counts and notices, one sample conversation. A folder is published by one atomic rename, so a crash
-mid-encoding leaves only a `.tmp-HOST-PID` folder (removed by the next run on that host once its process is
-gone). `verify` checks an entry against its own manifest before anything maps it (a truncated, empty, swapped
-or altered file is a problem string, never a traceback; the caller encodes it again with a notice). Hashing
-reads the whole file once (xxh3 runs at several GB/s, below the disk's own speed), and the read also warms the
-page cache the memory map then uses.
+`manifest.json`, written last: the row count of every Arrow file, the byte size and xxh3-128 checksum of every
+file in the entry, the audits, the read counts and notices, one sample conversation, and a checksum of the
+manifest itself (a changed audit count or sample would otherwise be trusted). A folder is published by one
+atomic rename, so a crash mid-encoding leaves only a `.tmp-HOST-PID` folder (removed by the next run on that
+host once its process is gone). `verify` checks an entry against its own manifest before anything maps it
+(a truncated, empty, swapped or altered file is a problem string, never a traceback; the caller encodes it
+again with a notice). Hashing reads the whole file once (xxh3 runs at several GB/s, below the disk's own
+speed), and the read also warms the page cache the memory map then uses.
 
 One read per cache folder: `locked(entry)` takes an exclusive `flock` on `<key>.lock` beside the entry; the
 first process in encodes, the others block in the kernel (no collective, so no NCCL timeout however long the
@@ -36,9 +37,10 @@ from chatsft import __version__
 
 logger = logging.getLogger(__name__)
 
-ENCODER_VERSION = "2"  # bump when encoding changes its output for the same inputs
+ENCODER_VERSION = "3"  # bump when encoding changes its output for the same inputs
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+SELF_CHECKSUM = "manifest_xxh3_128"
 
 
 def default_cache_dir() -> Path:
@@ -112,15 +114,17 @@ def verify(entry: Path) -> tuple[dict | None, str | None]:
     manifest = _read_json(entry / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("manifest_version") != MANIFEST_VERSION:
         return None, "its manifest is missing or unreadable"
-    for info in manifest.get("sets", {}).values():
-        path = entry / info["file"]
+    if manifest.pop(SELF_CHECKSUM, None) != manifest_checksum(manifest):
+        return None, "its manifest does not match its own checksum"
+    for name, info in manifest["files"].items():
+        path = entry / name
         if not path.is_file():
-            return None, f"{info['file']} is missing"
+            return None, f"{name} is missing"
         size = path.stat().st_size
         if size != info["bytes"]:
-            return None, f"{info['file']} has {size} bytes, its manifest says {info['bytes']}"
+            return None, f"{name} has {size} bytes, its manifest says {info['bytes']}"
         if checksum(path) != info["xxh3_128"]:
-            return None, f"{info['file']} does not match its manifest's checksum"
+            return None, f"{name} does not match its manifest's checksum"
     return manifest, None
 
 
@@ -131,9 +135,17 @@ def rows_match(dataset, info: dict) -> str | None:
 
 
 def publish(tmp: Path, entry: Path, manifest: dict) -> None:
-    """Write the manifest, then rename the folder into place (atomic). A damaged entry that `verify` refused
-    is moved aside first."""
-    _write_json_atomic(tmp / MANIFEST, {"manifest_version": MANIFEST_VERSION, **manifest})
+    """Write the manifest (with the size and checksum of every file in `tmp`, and its own checksum), then
+    rename the folder into place (atomic). A damaged entry that `verify` refused is moved aside first."""
+    listed = {info["file"]: info for info in manifest["sets"].values()}  # the Arrow files, hashed already
+    files = {
+        p.name: listed.get(p.name) or {"bytes": p.stat().st_size, "xxh3_128": checksum(p)}
+        for p in sorted(tmp.iterdir())
+        if p.is_file()
+    }
+    body = {"manifest_version": MANIFEST_VERSION, **manifest, "files": files}
+    body = json.loads(json.dumps(body, default=str))  # the checksum covers what a reader will parse
+    _write_json_atomic(tmp / MANIFEST, {**body, SELF_CHECKSUM: manifest_checksum(body)})
     if entry.exists():
         discard(entry)
     os.replace(tmp, entry)
@@ -215,6 +227,13 @@ def rmtree(path: Path) -> None:
     import shutil
 
     shutil.rmtree(path, ignore_errors=True)
+
+
+def manifest_checksum(value) -> str:
+    """The checksum a manifest carries of itself (over its canonical JSON, without that field)."""
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8"))
 
 
 def _read_json(path: Path):
