@@ -503,3 +503,15 @@ def test_a_flipped_byte_anywhere_voids_the_checkpoint(run_copy, name):
         f"{name} changed after it was saved (its SHA-256 differs)"
     )
     assert ck.find_resume_checkpoint(run_copy)[0] == run_copy / "checkpoint-8"
+
+
+def test_chatsfts_own_save_cut_off_before_its_marker_is_skipped_not_refused(run_copy):
+    """Killed after the run manifest and before the marker of its only checkpoints: the same command starts
+    over (the saves are written again) instead of taking them for another tool's."""
+    for name in ("checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8", "checkpoint-10"):
+        (run_copy / name / ck.MARKER_NAME).unlink()
+        (run_copy / name / ck.RUN_FILE).write_text("{}")
+    resume, notices = ck.choose_resume(run_copy)
+    assert resume is None and len(notices) == 6
+    assert notices[0].startswith(f"skipping incomplete checkpoint {run_copy / 'checkpoint-10'}: ")
+    assert notices[-1] == "no complete checkpoint found: training starts from the beginning"

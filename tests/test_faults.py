@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from chatsft_runs import (
     weights,
 )
 
+from chatsft import cache
 from chatsft.training.checkpoint import MARKER_NAME, checkpoint_problem
 from chatsft.training.final import FINAL_MARKER_NAME, FINAL_TMP_NAME
 from chatsft.training.preempt import PreemptionCallback
@@ -50,7 +52,8 @@ MAX_STEPS, SAVE_STEPS = 10, 2
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return make_setup(tmp_path_factory.mktemp("faults"), dropout=0.1)
+    # two records that validation rejects: the cache entry then holds a rejects file too
+    return make_setup(tmp_path_factory.mktemp("faults"), dropout=0.1, bad_records=2)
 
 
 def flags(setup, out: Path, *extra: str) -> list[str]:
@@ -67,15 +70,32 @@ def flags(setup, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(setup):
-    """The uninterrupted run: final weights, logged losses and the trace of every micro-batch."""
+    """The uninterrupted run: final weights, logged losses and the trace of every micro-batch; and this
+    machine's pace now (seconds from launch to the first micro-batch, and of a micro-batch), which the random
+    trials scale their moments by."""
     out = setup.root / "reference"
     trace = setup.root / "reference.trace"
-    rc, output = run(command(flags(setup, out), driver=["--trace", str(trace)]), setup.root / "reference.log")
+    with Launch(
+        command(flags(setup, out), driver=["--trace", str(trace)]), setup.root / "reference.log"
+    ) as run_:
+        began = time.monotonic()
+        run_.wait_for(lambda: trace_lines(trace) > 0, "the first micro-batch")
+        startup = time.monotonic() - began
+        rc = run_.wait()
+        output = run_.output()
     assert rc == 0, output[-3000:]
+    assert "read 34 records from 1 file(s): 32 accepted, 2 rejected" in output
     rows = read_trace(trace)
     assert [r["step"] for r in rows] == [s for s in range(1, MAX_STEPS + 1) for _ in range(2)]
     assert len({r["rng"] for r in rows}) == len(rows)  # dropout draws: the RNG state moves every micro-batch
-    return {"weights": weights(out), "logged": logged(out), "trace": rows}
+    micro_batch = statistics.median(rows[i + 1]["t"] - rows[i]["t"] for i in range(0, len(rows), 2))
+    return {
+        "weights": weights(out),
+        "logged": logged(out),
+        "trace": rows,
+        "startup": startup,
+        "micro_batch": micro_batch,
+    }
 
 
 def assert_matches_reference(out: Path, trace: Path, reference: dict, *, resumed_from: int) -> None:
@@ -337,20 +357,8 @@ def test_a_disk_that_fills_at_a_random_byte(setup, reference, tmp_path, trial):
 
 # ---- random trials over a whole run ----------------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def reference_seconds(setup, reference):
-    """(start-up, training and final save) seconds of an uninterrupted launch on this machine now: from launch
-    to the first trained micro-batch, and from there to exit; random kills are placed in these spans."""
-    trace = setup.root / "timing.trace"
-    began = time.monotonic()
-    with Launch(
-        command(flags(setup, setup.root / "timing"), driver=["--trace", str(trace)]), setup.root / "t.log"
-    ) as launch:
-        launch.wait_for(lambda: trace_lines(trace) > 0, "the first micro-batch")
-        trained = time.monotonic()
-        assert launch.wait() == 0, launch.output()[-3000:]
-    return trained - began, time.monotonic() - trained
+PHASES = ("start-up", "training", "checkpoint save", "final save")
+WINDOW = 0.5  # seconds the driver holds a checkpoint's or the final save's last act back: the save's span
 
 
 def _other_data(setup) -> Path:
@@ -361,44 +369,95 @@ def _other_data(setup) -> Path:
     return other
 
 
+def _driver_options(phase: str, trace: Path, hold: Path) -> list[str]:
+    options = ["--trace", str(trace)]
+    if phase == "start-up":
+        options += ["--hold", str(hold)]
+    if phase == "checkpoint save":
+        options += ["--slow-marker", str(WINDOW)]
+    if phase == "final save":
+        options += ["--slow-final", str(WINDOW), "--slow-final-marker", str(WINDOW)]
+    return options
+
+
+def _wait_for_the_moment(phase, rng, launch, out, trace, hold, reference):
+    """Wait until a random moment inside `phase` (seeded); return (where it is, a check that the process is
+    still inside that phase: true until the phase's next act has happened)."""
+    if phase == "start-up":  # a random moment before the first micro-batch (held there if it comes sooner)
+        delay = rng.uniform(0, reference["startup"])
+        began = time.monotonic()
+        launch.wait_for(
+            lambda: time.monotonic() - began >= delay or Path(f"{hold}.held").exists(), "start-up"
+        )
+        held = " (held at the first micro-batch)" if Path(f"{hold}.held").exists() else ""
+        return f"{time.monotonic() - began:.2f} s after launch{held}", lambda: trace_lines(trace) == 0
+    if phase == "training":  # inside a random step, a random fraction of a micro-batch after it began
+        step = rng.randrange(1, MAX_STEPS + 1)
+        first = 2 * step - 1  # its first micro-batch's line in the trace
+        launch.wait_for(lambda: trace_lines(trace) >= first, f"step {step}")
+        delay = rng.uniform(0, reference["micro_batch"])
+        time.sleep(delay)
+        ck = out / f"checkpoint-{step}"
+        return (
+            f"step {step}, {1000 * delay:.0f} ms into it",
+            lambda: trace_lines(trace) <= first + 1 and not ck.exists(),
+        )
+    if phase == "checkpoint save":  # after a random checkpoint's folder appeared, before its marker
+        step = rng.randrange(SAVE_STEPS, MAX_STEPS + 1, SAVE_STEPS)
+        ck = out / f"checkpoint-{step}"
+        launch.wait_for(ck.is_dir, f"checkpoint-{step}")
+        delay = rng.uniform(0, 0.8 * WINDOW)
+        time.sleep(delay)
+        return (
+            f"checkpoint-{step}, {1000 * delay:.0f} ms after its folder appeared",
+            lambda: not (ck / MARKER_NAME).exists(),
+        )
+    # the final save: while its files are written to the hidden folder, or while they are moved into place
+    moving = rng.random() < 0.5
+    started = (out / "model.safetensors").is_file if moving else (out / FINAL_TMP_NAME).is_dir
+    launch.wait_for(started, "the final save")
+    delay = rng.uniform(0, 0.8 * WINDOW)
+    time.sleep(delay)
+    what = "the moves into place" if moving else "its writing"
+    return f"{1000 * delay:.0f} ms into {what}", lambda: not (out / FINAL_MARKER_NAME).exists()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("trial", range(2 * TRIALS))
-def test_a_signal_at_a_random_moment_then_relaunch(setup, reference, reference_seconds, tmp_path, trial):
-    """SIGKILL or SIGTERM at a random moment of a whole run (start-up, training, checkpoints, the final save);
-    then a relaunch on changed data (refused by name when a checkpoint is there to resume), then the same
-    command, which must end with the uninterrupted run's weights."""
+@pytest.mark.parametrize("trial", range(len(PHASES) * TRIALS))
+def test_a_signal_at_a_random_moment_then_relaunch(setup, reference, tmp_path, trial):
+    """SIGKILL or SIGTERM at a random moment (seeded) inside a chosen phase of a run, the phases taken in turn
+    (start-up, a training step, a checkpoint save, the final save; SIGKILL and SIGTERM alternate so that
+    every eight trials meet each pair); then a relaunch on changed data (refused by name when a checkpoint
+    is there to resume), then the same command, which must end with the uninterrupted run's weights."""
     rng = random.Random(2000 + trial)
-    sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
-    startup, training = reference_seconds
-    in_startup = rng.random() < 0.2  # most trials land in training, checkpoints and the final save
-    delay = rng.uniform(0, startup) if in_startup else rng.uniform(0, 1.1 * training)
-    out = tmp_path / "out"
+    phase = PHASES[trial % len(PHASES)]
+    sig = (signal.SIGKILL, signal.SIGTERM)[(trial + trial // len(PHASES)) % 2]
+    out, trace, hold = tmp_path / "out", tmp_path / "killed.trace", tmp_path / "hold"
     argv = flags(setup, out)
-    trace = tmp_path / "killed.trace"
-    with Launch(command(argv, driver=["--trace", str(trace)]), tmp_path / "killed.log") as launch:
-        if not in_startup:
-            launch.wait_for(lambda: trace_lines(trace) > 0, "the first micro-batch")
-        try:
-            launch.proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            launch.proc.send_signal(sig)
+    with Launch(command(argv, driver=_driver_options(phase, trace, hold)), tmp_path / "killed.log") as launch:
+        where, inside = _wait_for_the_moment(phase, rng, launch, out, trace, hold, reference)
+        assert inside(), f"{phase}: {where}: the phase was over before the signal"
+        launch.proc.send_signal(sig)
+        hold.touch()  # a process that lives on through the signal may begin training
         rc = launch.wait()
         output = launch.output()
+    if sig == signal.SIGKILL:
+        assert inside(), f"{phase}: {where}: the phase was over when the kill landed"
     assert "Traceback" not in output, output[-3000:]
-    if rc == 143:
+    if sig == signal.SIGKILL:
+        assert rc == -signal.SIGKILL, output[-3000:]
+    elif phase == "final save":
+        assert rc == 0 and "SIGTERM arrived during the final save: the save was completed first" in output
+    elif rc == 0:  # the last checkpoint's save: no step is left to stop after, the run ends as it would
+        assert phase == "checkpoint save" and f"checkpoint-{MAX_STEPS}," in where, output[-3000:]
+        assert "saved the final model" in output
+    elif rc == 143:
         assert re.search(
             r"stopped by SIGTERM after step \d+: .* is saved; run the same command to resume", output
         )
-    elif rc == 0:
-        assert "saved the final model" in output or "SIGTERM arrived during the final save" in output
-    else:
-        assert rc in (-signal.SIGKILL, -signal.SIGTERM), output[-3000:]  # killed outright, or before training
-    where = (
-        f"{delay:.1f} s into start-up ({startup:.1f} s)"
-        if in_startup
-        else f"{delay:.1f} s into training ({training:.1f} s)"
-    )
-    outcome = f"{sig.name} {where}: exit {rc}"
+    else:  # the default action, before the handler is installed (start-up)
+        assert phase == "start-up" and rc == -signal.SIGTERM, output[-3000:]
+    outcome = f"{phase}, {sig.name} {where}: exit {rc}"
 
     changed = list(argv)
     changed[changed.index("--data_path") + 1] = str(_other_data(setup))
@@ -458,6 +517,74 @@ def test_a_flipped_byte_in_any_checkpoint_file_is_caught_and_resume_falls_back(s
     assert rc == 0, output[-3000:]
     assert "skipping incomplete checkpoint" in output and f"resuming from {out / 'checkpoint-6'}" in output
     assert_matches_reference(out, trace, reference, resumed_from=6)
+
+
+@pytest.mark.slow
+def test_a_flipped_byte_in_any_cache_entry_file_is_caught_and_encoded_again(setup, reference, tmp_path):
+    """One bit flipped at a random offset in each file of the run's cache entry (the Arrow data, the rejected
+    records, the manifest), many times over: the entry's verification names the file every time. Then the
+    same command on a fresh output folder, with a flip left in the training data: one notice that the entry
+    was damaged and encoded again, exit 0, and the weights of the uninterrupted run, not of altered data."""
+    rng = random.Random(4000)
+    root = tmp_path / "cache"
+    shutil.copytree(setup.root / "cache", root)
+    (entry,) = [p for p in root.iterdir() if p.is_dir()]
+    files = sorted(p for p in entry.iterdir())
+    assert [p.name for p in files] == ["manifest.json", "rejected.jsonl", "train.arrow"]
+    assert cache.verify(entry)[1] is None
+    flips, outcomes = 10 * TRIALS, {}
+    for path in files:
+        original = path.read_bytes()
+        for _ in range(flips):
+            data = bytearray(original)
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            path.write_bytes(bytes(data))
+            manifest, problem = cache.verify(entry)
+            assert manifest is None and problem is not None, path
+            if path.name == cache.MANIFEST:
+                assert problem.startswith("its manifest "), problem
+            else:
+                assert problem == f"{path.name} does not match its manifest's checksum", problem
+            outcomes[f"{path.name}: {problem}"] = outcomes.get(f"{path.name}: {problem}", 0) + 1
+        path.write_bytes(original)
+    print(f"{flips * len(files)} flips in the cache entry: {outcomes}")
+
+    arrow = entry / "train.arrow"
+    data = bytearray(arrow.read_bytes())
+    at = rng.randrange(len(data))
+    data[at] ^= 1 << rng.randrange(8)
+    arrow.write_bytes(bytes(data))
+    argv = flags(setup, tmp_path / "out")
+    argv[argv.index("--cache_dir") + 1] = str(root)
+    rc, output = run(command(argv), tmp_path / "relaunch.log")
+    assert rc == 0, output[-3000:]
+    notice = f"the cache entry {entry} is damaged (train.arrow does not match its manifest's checksum): "
+    assert output.count(notice + "encoding it again") == 1, output[-3000:]
+    assert f"training examples encoded and cached: 32 ({entry})" in output
+    final = weights(tmp_path / "out")
+    assert all(torch.equal(final[k], reference["weights"][k]) for k in reference["weights"]), at
+    assert cache.verify(entry)[1] is None  # mended
+    rejects = (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in rejects] == ["bad0", "bad1"]
+    print(f"relaunch with byte {at} of train.arrow flipped: exit 0, encoded again, weights identical")
+
+
+@pytest.mark.slow
+def test_a_relaunch_from_the_last_steps_checkpoint_trains_nothing_more(setup, reference, tmp_path):
+    """Cut off in the final save (or stopped by SIGTERM in the last step), the run's newest checkpoint is at
+    max_steps: the relaunch saves it as the final model and trains no step past max_steps (the Trainer's loop
+    alone would train one more, on one more batch)."""
+    out = tmp_path / "out"
+    shutil.copytree(setup.root / "reference", out)
+    (out / FINAL_MARKER_NAME).unlink()
+    trace = tmp_path / "resume.trace"
+    rc, output = run(command(flags(setup, out), driver=["--trace", str(trace)]), tmp_path / "resume.log")
+    assert rc == 0, output[-3000:]
+    assert f"resuming from {out / f'checkpoint-{MAX_STEPS}'}" in output
+    assert read_trace(trace) == [] and sorted(checkpoints(out)) == list(range(2, MAX_STEPS + 1, 2))
+    assert (out / FINAL_MARKER_NAME).is_file() and logged(out) == reference["logged"]
+    final = weights(out)
+    assert all(torch.equal(final[k], reference["weights"][k]) for k in reference["weights"])
 
 
 @pytest.mark.slow

@@ -1,10 +1,11 @@
 """`python -m chatsft.train` with test instruments, for the fault and multi-process tests (not product code).
 
     python tests/train_driver.py [--trace FILE] [--kill-at WHERE@STEP] [--slow-marker SECONDS]
-        [--dump-data FILE] -- <train flags>
+        [--dump-data FILE] [--slow-final SECONDS] [--slow-final-marker SECONDS] [--hold FILE] -- <train flags>
 
 --trace FILE: for every trained micro-batch append one JSON line: the optimizer step it belongs to, the rank,
-  a hash of its input_ids and a hash of the RNG states (torch CPU, Python, NumPy) as the forward starts.
+  a hash of its input_ids and a hash of the RNG states (torch CPU, Python, NumPy) as the forward starts, and
+  the time (`t`, seconds since the epoch) it started.
   `{rank}` in FILE is replaced by the rank, so that each process under torchrun has its own file.
 --kill-at WHERE@STEP: SIGKILL this process inside the save of checkpoint-STEP: `optimizer` = the model
   weights are written, the optimizer state is not; `rng` = model and optimizer written, RNG state not;
@@ -14,6 +15,10 @@
 --dump-data FILE: write this rank's dataset ids and the ids of its first epoch's batches (`{rank}` as above).
 --slow-final SECONDS: sleep inside the final save, after the files are written to its hidden folder and before
   they are checked and moved into place (a wide window for a signal during the final save).
+--slow-final-marker SECONDS: sleep inside the final save after its files are moved into `output_dir` and
+  before its marker `chatsft-final.json` is written (a window for a signal amid the moves).
+--hold FILE: before the first trained micro-batch, create FILE.held and wait until FILE exists (a signal sent
+  "during start-up" then lands there even on a machine faster than expected; nothing has trained yet).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ def _install_trace(path: str) -> None:
                 "rank": rank,
                 "batch": hashlib.sha1(ids).hexdigest()[:16],
                 "rng": _rng_hash(),
+                "t": time.time(),
             }
             os.write(fd, (json.dumps(row) + "\n").encode())  # unbuffered: survives a SIGKILL
         return original(self, model, inputs, *args, **kwargs)
@@ -135,6 +141,35 @@ def _install_slow_final(seconds: float) -> None:
     final._verify_folder = verify
 
 
+def _install_slow_final_marker(seconds: float) -> None:
+    import chatsft.training.final as final
+
+    original = final.write_atomic  # only the final marker is written with it there
+
+    def write_atomic(*args, **kwargs):
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    final.write_atomic = write_atomic
+
+
+def _install_hold(path: str) -> None:
+    from chatsft.training.trainer import ChatTrainer
+
+    original = ChatTrainer.compute_loss
+    held = []
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training and not held:
+            held.append(True)
+            open(path + ".held", "w").close()
+            while not os.path.exists(path):
+                time.sleep(0.01)
+        return original(self, model, inputs, *args, **kwargs)
+
+    ChatTrainer.compute_loss = compute_loss
+
+
 def main(argv: list[str]) -> int:
     split = argv.index("--")
     ours, flags = argv[:split], argv[split + 1 :]
@@ -150,6 +185,10 @@ def main(argv: list[str]) -> int:
         _install_slow_marker(float(options["--slow-marker"]))
     if "--slow-final" in options:
         _install_slow_final(float(options["--slow-final"]))
+    if "--slow-final-marker" in options:
+        _install_slow_final_marker(float(options["--slow-final-marker"]))
+    if "--hold" in options:  # after --trace: it wraps the traced step, so a held run has traced nothing
+        _install_hold(options["--hold"])
     from chatsft.commands.train import cli
 
     return cli(flags)

@@ -138,7 +138,6 @@ def build(
             bad, manifest, hit = datasets_, None, False
         if bad:
             notices.append(f"the cache entry {entry} is damaged ({bad}): encoding it again")
-            logger.warning(notices[-1])
         if manifest is None:
             manifest = _encode_entry(plan, entry, policy, num_workers, progress, write=not lazy)
             datasets_ = None if lazy else _load(entry, manifest, lazy)

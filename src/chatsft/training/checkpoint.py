@@ -280,9 +280,9 @@ def choose_resume(
 
     An explicit path is validated (ConfigError if incomplete). Otherwise, like FastChat, the newest complete
     checkpoint in `output_dir` is resumed from, unless `overwrite_output_dir` asks for a fresh start or
-    `resume_from_checkpoint` is False. When no checkpoint is complete but an unmarked one looks whole (a
-    FastChat run's, continued with chatsft), this stops with a ConfigError rather than start over: a fresh
-    start would rotate that progress away, or save over it.
+    `resume_from_checkpoint` is False. When no checkpoint is complete but an unmarked one without chatsft's
+    run manifest looks whole (a FastChat run's, continued with chatsft), this stops with a ConfigError rather
+    than start over: a fresh start would rotate that progress away, or save over it.
     """
     auto = ("", "true", "last", "latest")
     if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() not in auto:
@@ -293,7 +293,10 @@ def choose_resume(
     path, notices = find_resume_checkpoint(output_dir)
     if path is None:
         for _, candidate in _checkpoints(Path(output_dir)):
-            if _unmarked(candidate) and unmarked_checkpoint_problem(candidate) is None:
+            # one holding chatsft's run manifest is this tool's own save, cut off before its marker: skipped
+            # (and written again) like any incomplete one, not mistaken for another tool's
+            foreign = not (candidate / RUN_FILE).exists()
+            if _unmarked(candidate) and foreign and unmarked_checkpoint_problem(candidate) is None:
                 raise ConfigError(
                     f"{output_dir} holds {candidate.name}, which chatsft did not mark complete (FastChat or "
                     "another "

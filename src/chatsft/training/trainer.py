@@ -41,6 +41,15 @@ class ChatTrainer(Trainer):
             )  # as Trainer.compute_loss does: DDP averages gradients
         return (loss, aux) if return_outputs else loss
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the checkpoint of the last step (the final save was cut off, or a SIGTERM stopped the
+        # last step): the Trainer's loop checks for the end only after a step, so it would train one step
+        # past max_steps, on one more batch. Nothing is left to train.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return
+        return super()._run_epoch(*args, **kwargs)
+
 
 def build_trainer(
     model, tokenizer, args, data_args, split, *, flash: bool = False, stop_ids=()
