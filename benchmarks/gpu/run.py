@@ -225,8 +225,9 @@ def throughput(report, rows, device, peaks, a, out):
     results = []
     for name in variants:
         try:
-            runs = tempfile.mkdtemp(prefix="chatsft-gpu-")  # not under --out: only the report comes back
-            r = run_variant(name, work, examples, flops, peaks, runs)
+            # not under --out: only the report comes back; removed after each variant (a dry run too)
+            with tempfile.TemporaryDirectory(prefix="chatsft-gpu-") as runs:
+                r = run_variant(name, work, examples, flops, peaks, runs)
         except Exception as err:
             rows.append(
                 ("throughput", name, "error", f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
