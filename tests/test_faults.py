@@ -261,6 +261,23 @@ def test_preemption_callback_turns_sigterm_into_save_and_stop():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_sigterm_after_the_last_step_is_named_and_the_run_goes_on(caplog):
+    """Arriving during the last step's checkpoint save, after the last step's end: no step is left to stop
+    after, so the run goes on to its final save (exit 0), and says so."""
+    from transformers import TrainerControl, TrainerState
+
+    callback, state, control = PreemptionCallback(), TrainerState(), TrainerControl()
+    callback.on_train_begin(_Args(), state, control)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        callback.on_train_end(_Args(), state, control)
+    assert callback.stopped_at is None and callback.exit_code is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "pre-emption: SIGTERM arrived after the last step: the run goes on to its final save"
+    ]
+
+
 def test_preemption_callback_outside_the_main_thread_installs_nothing():
     import threading
 
@@ -450,6 +467,7 @@ def test_a_signal_at_a_random_moment_then_relaunch(setup, reference, tmp_path, t
         assert rc == 0 and "SIGTERM arrived during the final save: the save was completed first" in output
     elif rc == 0:  # the last checkpoint's save: no step is left to stop after, the run ends as it would
         assert phase == "checkpoint save" and f"checkpoint-{MAX_STEPS}," in where, output[-3000:]
+        assert "SIGTERM arrived after the last step: the run goes on to its final save" in output
         assert "saved the final model" in output
     elif rc == 143:
         assert re.search(

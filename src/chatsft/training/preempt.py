@@ -103,6 +103,11 @@ class PreemptionCallback(TrainerCallback):
             )
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self.received and self.stopped_at is None:  # it came after the last step ended (in its checkpoint)
+            logger.warning(
+                "pre-emption: %s arrived after the last step: the run goes on to its final save",
+                signal.Signals(self.received).name,
+            )
         self.restore()
 
     @staticmethod
