@@ -231,6 +231,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(setup, reference):
     rc, output = run(command(argv, driver=["--trace", str(trace2)]), setup.root / "sigterm2.log")
     assert rc == 0, output[-3000:]
     assert f"resuming from {out / f'checkpoint-{step}'}" in output
+    done = f"training done: {MAX_STEPS} steps ({MAX_STEPS - step} in this launch), average train loss "
+    assert done in output
     assert_matches_reference(out, trace2, reference, resumed_from=step)
 
 
@@ -599,6 +601,9 @@ def test_a_relaunch_from_the_last_steps_checkpoint_trains_nothing_more(setup, re
     rc, output = run(command(flags(setup, out), driver=["--trace", str(trace)]), tmp_path / "resume.log")
     assert rc == 0, output[-3000:]
     assert f"resuming from {out / f'checkpoint-{MAX_STEPS}'}" in output
+    assert f"training done: {MAX_STEPS} steps, none left to train in this launch (resumed at step 10)" in (
+        output
+    )
     assert read_trace(trace) == [] and sorted(checkpoints(out)) == list(range(2, MAX_STEPS + 1, 2))
     assert (out / FINAL_MARKER_NAME).is_file() and logged(out) == reference["logged"]
     final = weights(out)

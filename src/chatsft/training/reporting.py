@@ -101,7 +101,16 @@ def run_summary(trainer, result, evaluate: bool) -> list[str]:
     history = trainer.state.log_history
     step = trainer.state.global_step
     last = next((e for e in reversed(history) if "loss" in e), None)
-    line = f"training done: {result.global_step} steps, average train loss {result.training_loss:.4f}"
+    # HF averages over the steps of this launch: after a resume that is not the run's average, and a launch
+    # resumed at the last step trains none (its "average" would be 0.0)
+    trained = step - getattr(trainer, "_initial_global_step", 0)
+    line = f"training done: {step} steps"
+    if trained == 0:
+        line += f", none left to train in this launch (resumed at step {step})"
+    elif trained < step:
+        line += f" ({trained} in this launch), average train loss {result.training_loss:.4f} over them"
+    else:
+        line += f", average train loss {result.training_loss:.4f}"
     if last is not None:
         line += f", last logged train loss {last['loss']:.4f} (step {last.get('step', step)})"
     lines = [line]
