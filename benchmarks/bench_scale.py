@@ -113,11 +113,15 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "examples": len(split.tra
 """
 
 
-def watch(cmd: list[str]) -> tuple[str, dict[int, int], float]:
-    """Run `cmd`; poll its process tree every 0.1 s; return (stdout, pid -> peak RSS bytes, wall seconds)."""
+def watch(cmd: list[str]) -> tuple[str, dict[int, int], dict[int, int], float]:
+    """Run `cmd`; poll its process tree every 0.1 s; return (stdout, pid -> peak RSS bytes, pid -> peak
+    anonymous RSS bytes, wall seconds). RSS (the kernel's VmHWM) also counts the pages of memory-mapped files
+    that are resident, which the kernel can drop at any time (the cache's Arrow files once loaded); RssAnon,
+    polled, is the memory that cannot be given back."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     peaks: dict[int, int] = {}
+    anon: dict[int, int] = {}
     while proc.poll() is None:
         for pid in _tree(proc.pid):
             try:
@@ -127,9 +131,11 @@ def watch(cmd: list[str]) -> tuple[str, dict[int, int], float]:
             for line in status.splitlines():
                 if line.startswith("VmHWM:"):
                     peaks[pid] = max(peaks.get(pid, 0), int(line.split()[1]) * 1024)
+                elif line.startswith("RssAnon:"):
+                    anon[pid] = max(anon.get(pid, 0), int(line.split()[1]) * 1024)
         time.sleep(0.1)
     out = proc.stdout.read()
-    return out, peaks, time.perf_counter() - start
+    return out, peaks, anon, time.perf_counter() - start
 
 
 def _tree(pid: int) -> list[int]:
@@ -186,13 +192,14 @@ def main() -> None:
             child = (CHILD if args.stage == "prepare" else READ_CHILD).format(
                 src=src, tok=str(tok), data=str(data), cache=str(cache), workers=args.workers
             )
-            out, peaks, wall = watch([sys.executable, "-c", child])
+            out, peaks, anon, wall = watch([sys.executable, "-c", child])
             result = json.loads(out.strip().splitlines()[-1])
             entry = Path(result["entry"]) if result["entry"] else None
             size = sum(f.stat().st_size for f in entry.iterdir()) if entry else 0
             bare = bare_rate(tok, data) if entry else None
             rate = n / result["seconds"]
-            rss = sorted(peaks.values(), reverse=True)
+            pids = sorted(peaks, key=peaks.get, reverse=True)
+            rss = [peaks[p] for p in pids]
             print(
                 json.dumps(
                     {
@@ -204,6 +211,7 @@ def main() -> None:
                         "build_s": round(result["seconds"], 1),
                         "examples": result["examples"],
                         "peak_rss_mb_per_process": [round(r / 2**20) for r in rss],
+                        "peak_anon_mb_per_process": [round(anon.get(p, 0) / 2**20) for p in pids],
                         "cache_bytes": size,
                         "conversations_per_s": round(rate),
                         "bare_tokenizer_conversations_per_s": round(bare) if bare else None,
