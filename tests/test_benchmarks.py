@@ -58,6 +58,8 @@ def test_bench_train_prints_every_variant(tmp_path):
         "1",
         "--workdir",
         str(tmp_path / "work"),
+        "--threads",
+        "1",  # each variant's process on one torch thread: two wait for each other on a busy machine
         cwd=tmp_path,
     )
     rows = table_rows(out)
