@@ -246,11 +246,12 @@ def load_encoder(
     model_family: str | None = None,
     extra_special_tokens: list[str] | None = None,
     preset: Preset | None = None,
+    config=None,
 ) -> LoadedEncoder:
     """Tokenizer -> template -> encoder -> stop ids, as `chatsft train` resolves them.
 
     `path` is a model folder (config.json: family presets apply) or a folder with only tokenizer files. Pass
-    `tokenizer` (and its `preset`) when the caller has prepared it already.
+    `tokenizer` (and its `preset`) when the caller has prepared it already, `config` when it has read it.
     """
     path, notices = Path(path), []
     if tokenizer is None and (path / "config.json").is_file():
@@ -259,7 +260,7 @@ def load_encoder(
             model_max_length=model_max_length,
             model_family=model_family,
             extra_special_tokens=extra_special_tokens,
-            config=read_config_fields(path),
+            config=config or read_config_fields(path),
         )
     elif tokenizer is None:  # a tokenizer-only folder
         tokenizer = load_tokenizer(path, model_max_length=model_max_length)
@@ -325,13 +326,12 @@ def load_encoder_from_args(args) -> LoadedEncoder:
     loss_mode = loss_mode_from_flags(
         args.loss_mode, args.efficient_loss, args.last_response_loss, args.split_example_loss
     )
-    max_length, notices = args.model_max_length, []
+    max_length, notices, config = args.model_max_length, [], None
     if max_length is None:  # what train would use, so that the examples shown are the ones it trains on
-        has_config = (Path(args.model_name_or_path) / "config.json").is_file()
         path = args.model_name_or_path
-        max_length = (
-            context_length(read_config_fields(path) or load_config(path)) if has_config else FALLBACK_CONTEXT
-        )
+        has_config = (Path(path) / "config.json").is_file()
+        config = (read_config_fields(path) or load_config(path)) if has_config else None
+        max_length = context_length(config) if has_config else FALLBACK_CONTEXT
         notices.append(
             f"--model_max_length not given: using the model's context, {max_length} tokens"
             if has_config
@@ -345,5 +345,6 @@ def load_encoder_from_args(args) -> LoadedEncoder:
         model_max_length=max_length,
         model_family=args.model_family,
         extra_special_tokens=args.add_special_tokens,
+        config=config,  # read once: the context above, the family preset in load_encoder
     )
     return LoadedEncoder(encoder, [*notices, *more])
