@@ -94,7 +94,8 @@ def install_log_printer(trainer) -> None:
 def run_summary(trainer, result, evaluate: bool) -> list[str]:
     """What a finished run says: the average and the last logged train loss, named; the final eval loss.
 
-    HF's `training_loss` is the average over the run (0.94 in the demo while the last logged loss was 0.07).
+    HF's `training_loss` is the average over the steps of this launch (0.94 in the demo while the last logged
+    loss was 0.07), so a resumed launch says how many steps that is.
     With an eval set, the final eval loss is the one logged at the last step when the Trainer evaluated there
     (`--eval_strategy steps` landing on it, or `epoch`), else one evaluation now.
     """
