@@ -614,10 +614,14 @@ def test_a_relaunch_from_the_last_steps_checkpoint_trains_nothing_more(setup, re
 def test_two_launches_at_once_into_one_folder(setup, reference, tmp_path):
     """Started together: one trains to the end, the other stops with one line naming it; nothing mixed."""
     out = tmp_path / "out"
-    with (
-        Launch(command(flags(setup, out)), tmp_path / "a.log") as a,
-        Launch(command(flags(setup, out)), tmp_path / "b.log") as b,
-    ):
+    go = tmp_path / "go"  # the launch holding the lock waits before its first step until this exists, so the
+    # other cannot start after it has finished (a tiny run can end before a slow start-up reaches the lock)
+    held = command(flags(setup, out), driver=["--hold", str(go)])
+    with Launch(held, tmp_path / "a.log") as a, Launch(held, tmp_path / "b.log") as b:
+        deadline = time.monotonic() + 300
+        while a.proc.poll() is None and b.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        go.touch()
         codes = sorted([a.wait(), b.wait()])
         outputs = a.output() + b.output()
     assert codes == [0, 2], outputs[-3000:]
