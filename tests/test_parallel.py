@@ -1,4 +1,5 @@
-"""parallel.run_in_order: results in order whoever computed them, shared work, failures reported."""
+"""parallel.run_in_order and run_streaming: results in order whoever computed them, shared work, failures
+reported, helpers gone with their parent."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from chatsft.errors import ChatsftError
-from chatsft.parallel import run_in_order
+from chatsft.parallel import run_in_order, run_streaming
 
 
 def _square_and_pid(parent: int, k: int) -> tuple[int, bool]:
@@ -100,7 +101,7 @@ def _slow_square_and_pid(parent: int, k: int) -> tuple[int, bool]:
 
 ORPHAN_SCRIPT = """
 import functools, multiprocessing, os, sys, time
-from chatsft.parallel import run_in_order
+from chatsft.parallel import run_in_order, run_streaming
 
 def slow(k):
     time.sleep(0.05)
@@ -123,13 +124,14 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
-def test_helpers_stop_when_their_parent_is_killed(tmp_path):
+@pytest.mark.parametrize("kind", ["in_order", "stream"])
+def test_helpers_stop_when_their_parent_is_killed(tmp_path, kind):
     import subprocess
     import sys
 
     script = tmp_path / "orphan.py"
     script.write_text(ORPHAN_SCRIPT)
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, str(script), kind], stdout=subprocess.PIPE, text=True)
     helpers = [int(pid) for pid in parent.stdout.readline().split()]
     assert len(helpers) == 2
     parent.kill()  # SIGKILL: no finally, no cleanup in the parent
@@ -138,3 +140,48 @@ def test_helpers_stop_when_their_parent_is_killed(tmp_path):
     while not all(map(_gone, helpers)) and time.time() < deadline:
         time.sleep(0.05)
     assert all(map(_gone, helpers))  # within a task (50 ms here), not after the remaining 10,000
+
+
+def _streamed(items, helpers, **kw):
+    return list(run_streaming(functools.partial(_square_and_pid, os.getpid()), iter(items), helpers, **kw))
+
+
+def test_streaming_results_come_in_order_and_the_helpers_share_the_work():
+    results = _streamed(range(60), helpers=2)
+    assert [r for r, _ in results] == [k * k for k in range(60)]
+    assert 0 < sum(helper for _, helper in results) < 60
+    assert _streamed(range(5), helpers=0) == [(k * k, False) for k in range(5)]
+    assert _streamed([], helpers=2) == []
+
+
+def test_streaming_takes_items_only_as_they_can_be_worked_on():
+    taken = []
+
+    def items():
+        for k in range(200):
+            taken.append(k)
+            yield k
+
+    gen = run_streaming(functools.partial(_slow_square_and_pid, os.getpid()), items(), helpers=1, ahead=2)
+    assert next(gen)[0] == 0
+    assert len(taken) <= 2 * 2 + 1  # two per process in flight, and the one yielded
+    gen.close()
+
+
+def _fail_or_die_in_helper(parent: int, how: str, k: int) -> int:
+    if os.getpid() != parent:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise ValueError(f"bad item {k}")
+    time.sleep(0.05)
+    return k
+
+
+def test_streaming_helper_failures_are_raised_here():
+    task = functools.partial(_fail_or_die_in_helper, os.getpid(), "raise")
+    with pytest.raises(ValueError, match="^bad item ") as err:
+        list(run_streaming(task, iter(range(10)), helpers=1))
+    assert "_fail_or_die_in_helper" in err.value.__notes__[0]
+    task = functools.partial(_fail_or_die_in_helper, os.getpid(), "kill")
+    with pytest.raises(ChatsftError, match=r"died \(exit code -9"):
+        list(run_streaming(task, iter(range(10)), helpers=1))
