@@ -258,6 +258,39 @@ def test_a_folder_about_to_be_overwritten_loses_its_marker_first(run_copy):
     assert ck.checkpoint_problem(run_copy / "checkpoint-8") is None
 
 
+def test_the_run_manifest_comes_before_anything_the_trainer_saves(tmp_path):
+    """So a save cut off at any point, even right after the Trainer's last file, is this run's own: skipped
+    and written again, never refused as another tool's."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Probe(TrainerCallback):  # runs after CheckpointMarker, before the Trainer saves checkpoint-2
+        def on_step_end(self, args, state, control, **kwargs):
+            folder = tmp_path / "out" / f"checkpoint-{state.global_step}"
+            seen.append(
+                (state.global_step, sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None)
+            )
+
+    trainer = _trainer(_tokenizer(), tmp_path / "out", max_steps=3, callbacks=[Probe()])
+    marker = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ck.CheckpointMarker))
+    marker.manifest = {"run": "this one"}
+    trainer.train()
+    assert seen == [(1, None), (2, [ck.RUN_FILE]), (3, [ck.RUN_FILE])]  # the last step saves too
+    assert json.loads((tmp_path / "out" / "checkpoint-2" / ck.RUN_FILE).read_text()) == {"run": "this one"}
+    for name in ("checkpoint-2", "checkpoint-3"):  # cut off after the Trainer's files, before the marker
+        (tmp_path / "out" / name / ck.MARKER_NAME).unlink()
+    resume, notices = ck.choose_resume(tmp_path / "out")
+    assert (
+        resume is None and notices[-1] == "no complete checkpoint found: training starts from the beginning"
+    )
+    (
+        tmp_path / "out" / "checkpoint-3" / ck.RUN_FILE
+    ).unlink()  # what another tool's whole checkpoint looks like
+    with pytest.raises(ConfigError, match="which chatsft did not mark complete"):
+        ck.choose_resume(tmp_path / "out")
+
+
 def test_rotation_keeps_complete_checkpoints_and_newer_incomplete_ones(tmp_path):
     for step in (2, 4, 6):
         _complete_folder(tmp_path / f"checkpoint-{step}", step)

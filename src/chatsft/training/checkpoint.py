@@ -335,11 +335,16 @@ class CheckpointMarker(TrainerCallback):
     def _clear_stale_marker(self, args, state, control):
         # A folder for this step left by an earlier run is about to be overwritten in place: void it first.
         # (With save_strategy "best" the decision comes after evaluation, so any folder for this step is
-        # voided.)
+        # voided.) A save that is certain gets the run manifest before the Trainer writes anything: a save
+        # cut off at any point is then recognisably this run's own, never taken for another tool's.
         if state.global_step == self._marked_step or not args.should_save:
             return
         if control.should_save or args.save_strategy == "best":
-            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / MARKER_NAME).unlink(missing_ok=True)
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / MARKER_NAME).unlink(missing_ok=True)
+            if control.should_save and self.manifest is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                write_atomic(folder / RUN_FILE, json.dumps(self.manifest, indent=1).encode())
 
     def on_step_end(self, args, state, control, **kwargs):
         self._clear_stale_marker(args, state, control)
