@@ -139,6 +139,11 @@ def _picklable(error: BaseException) -> BaseException | None:
     return error
 
 
+def _exitcode(proc) -> int:
+    proc.join(10)  # it is gone or going: its pipe failed
+    return proc.exitcode or -1
+
+
 def _died(exitcode: int) -> ChatsftError:
     return ChatsftError(
         f"a preprocessing process died (exit code {exitcode}; -9 is usually the kernel stopping it for lack "
@@ -196,7 +201,10 @@ def run_streaming(task: Callable[[object], T], items: Iterable, helpers: int, ah
                 conn = min(conns, key=lambda c: len(queued[c]))
                 if len(queued[conn]) >= DEPTH or (job := take()) is None:
                     break
-                conn.send(job)
+                try:
+                    conn.send(job)
+                except OSError:  # the helper is gone (killed: its end was closed, or reset)
+                    raise _died(_exitcode(procs[conns.index(conn)])) from None
                 queued[conn].append(job[0])
             if yielded in done:
                 yield done.pop(yielded)
@@ -214,10 +222,8 @@ def run_streaming(task: Callable[[object], T], items: Iterable, helpers: int, ah
             for conn in ready:
                 try:
                     kind, index, payload = conn.recv()
-                except EOFError:
-                    proc = procs[conns.index(conn)]
-                    proc.join()
-                    raise _died(proc.exitcode or -1) from None
+                except (EOFError, OSError):  # reset, not EOF, when it died holding an item unread
+                    raise _died(_exitcode(procs[conns.index(conn)])) from None
                 if kind == "error":
                     error, text = payload
                     if error is None:
