@@ -274,6 +274,31 @@ def test_two_workers_give_the_single_worker_examples_and_audit_in_input_order(
             )
 
 
+def test_the_encoding_bar_shows_the_share_of_bytes_read_and_the_conversations(
+    bpe_tokenizer, write_file, tmp_path, capsys, monkeypatch
+):
+    """Local files: a percentage (bytes read of all of them) and a time left. A `datasets` folder, whose
+    size in records is not known before reading: the count alone."""
+    import datasets
+
+    monkeypatch.setattr(data, "CHUNK", 4)
+    a = write_file("a.jsonl", "\n".join(json.dumps(r) for r in records(20, prefix="a")))
+    b = write_file("b.json", records(10, prefix="b"))
+    enc = Encoder(VICUNA, bpe_tokenizer, "assistant_turns", 256)
+
+    def frames() -> list[str]:
+        err = capsys.readouterr().err.replace("\r", "\n")
+        return [line.strip() for line in err.split("\n") if line.startswith("encoding")]
+
+    build(enc, [a, b], tmp_path, progress=True, num_workers=2)
+    shown = frames()
+    assert shown[0].startswith("encoding:   0%|") and shown[-1].startswith("encoding: 100%|")
+    assert ", 30 conversations, " in shown[-1] and shown[-1].endswith("/s]")
+    datasets.Dataset.from_list(records(6, prefix="d")).save_to_disk(str(tmp_path / "saved"))
+    build(enc, [tmp_path / "saved"], tmp_path, progress=True)
+    assert frames()[-1].startswith("encoding: 6 conversations [")
+
+
 def test_a_killed_worker_is_a_one_line_error_and_leaves_no_cache_folder(
     bpe_tokenizer, write_file, tmp_path, monkeypatch
 ):

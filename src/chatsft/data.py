@@ -202,6 +202,15 @@ class DataPlan:
         ]
 
     @functools.cached_property
+    def total_bytes(self) -> int | None:
+        """The size of every file to read, or None when a source is not a local file (a `datasets` folder,
+        a Hub name)."""
+        files = [f for owner in self.owner for f in owner]
+        if not all(os.path.isfile(f) for f in files):
+            return None
+        return sum(os.path.getsize(f) for f in files)
+
+    @functools.cached_property
     def key(self) -> str:
         """The cache key: the tokenizer, the split, and per source its options, encoder and shards."""
         parts = [cache.tokenizer_fingerprint(self.encoder.tokenizer), f"{self.train_ratio}:{self.seed}"]
@@ -279,8 +288,6 @@ def _counts() -> dict:
 
 
 def _encode_entry(plan: DataPlan, entry: Path, policy: ReadPolicy, num_workers, progress, write) -> dict:
-    from tqdm import tqdm
-
     tmp = cache.tmp_folder(entry)
     reports = {"train": ReadReport(keep=False), "eval": ReadReport(keep=False) if plan.eval_sources else None}
     rejects = policy.__class__(policy.max_invalid_ratio, policy.strict, str(tmp / "rejected.jsonl"))
@@ -289,9 +296,9 @@ def _encode_entry(plan: DataPlan, entry: Path, policy: ReadPolicy, num_workers, 
     per_source = {side: {} for side in SIDES}
     writers, rows, sample = {}, dict.fromkeys(SIDES, 0), []
     task = functools.partial(_encode_chunk, plan.encoders, plan.encoder.stop_ids, tmp, write)
-    bar = tqdm(desc="encoding", unit=" conversations", disable=not progress)
+    bar = _Bar(progress, plan.total_bytes, reports)
     try:
-        with bar:
+        with bar.bar:
             for chunk_files, chunk_audits in run_streaming(
                 task,
                 _chunks(plan.stream(reports, rejects, counts), sample),
@@ -301,11 +308,12 @@ def _encode_entry(plan: DataPlan, entry: Path, policy: ReadPolicy, num_workers, 
                     audits[side].merge(audit)
                     for n, a in by_source.items():
                         per_source[side].setdefault(n, Audit(stop_ids=audit.stop_ids)).merge(a)
-                    bar.update(audit.records)
+                    bar.add(audit.records)
                 for side, chunk_file in chunk_files.items():
                     if side not in writers:
                         writers[side] = _Appender(tmp / f"{side}.arrow")
                     writers[side].add(chunk_file)
+            bar.add(0)
         for side, writer in writers.items():
             rows[side] = writer.close()
         if write and "train" not in writers:  # no training row at all: an empty file keeps the entry whole
@@ -330,6 +338,33 @@ def _encode_entry(plan: DataPlan, entry: Path, policy: ReadPolicy, num_workers, 
             ) from None
         raise
     return manifest
+
+
+class _Bar:
+    """The encoding bar. When every source is a local file it counts the bytes read (a percentage and a time
+    left for a preparation that may take hours), else the conversations; either way it names the
+    conversations encoded and their rate."""
+
+    def __init__(self, enabled: bool, total_bytes: int | None, reports: dict):
+        from tqdm import tqdm
+
+        self.reports, self.count = [r for r in reports.values() if r is not None], 0
+        if total_bytes:
+            form = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]"
+            self.bar = tqdm(desc="encoding", total=total_bytes, bar_format=form, disable=not enabled)
+        else:
+            self.bar = tqdm(desc="encoding", unit=" conversations", disable=not enabled)
+
+    def add(self, conversations: int) -> None:
+        self.count += conversations
+        if self.bar.total is None:
+            self.bar.update(conversations)
+            return
+        elapsed = self.bar.format_dict["elapsed"]
+        rate = f", {self.count / elapsed:,.0f}/s" if elapsed > 0 else ""
+        self.bar.set_postfix_str(f"{self.count:,} conversations{rate}", refresh=False)
+        done = min(sum(r.bytes_read() for r in self.reports), self.bar.total)
+        self.bar.update(done - self.bar.n)
 
 
 class _Appender:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from chatsft.errors import DataError
 from chatsft.messages import MESSAGE_REASONS, Reject, to_messages, to_tools, unicode_ok
-from chatsft.sources import FILE_REASONS, BadLine, FileError, iter_records, shards, type_name
+from chatsft.sources import FILE_REASONS, BadLine, FileError, Position, iter_records, shards, type_name
 
 RECORD_REASONS = {
     "bad_json_line": "a JSON Lines line is not valid JSON",
@@ -126,6 +126,17 @@ class ReadReport:
     keep: bool = True  # hold every problem and rejected record (check); training only counts and streams them
     first_problem: Problem | None = None
     last_problem: Problem | None = None
+    bytes_done: int = 0  # the sizes of the files read to their end
+    reading: Position | None = field(default=None, repr=False, compare=False)  # in the file being read
+
+    def bytes_read(self) -> int:
+        """Bytes of the files read so far, the one being read up to where its reader has got (for the
+        encoding bar's percentage and time left)."""
+        tell = self.reading.tell if self.reading is not None else None
+        try:
+            return self.bytes_done + (tell() if tell is not None else 0)
+        except (ValueError, OSError):  # closed
+            return self.bytes_done
 
     @property
     def turns(self) -> list[int]:
@@ -292,7 +303,7 @@ def iter_conversations(
         for source in _shards(paths, report, policy):
             report.files.append(source)
             seen.begin(source, report.records_read)
-            items = _Items(source)
+            items = report.reading = _Items(source)
             for index, item in items:
                 report.records_read += 1
                 try:
@@ -314,6 +325,8 @@ def iter_conversations(
                     continue
                 report.add(conv, dropped)
                 yield conv
+            report.reading = None
+            report.bytes_done += os.path.getsize(source) if os.path.isfile(source) else 0
             if items.error is not None:
                 report.file_errors.append(items.error)
                 if policy is not None:
@@ -477,8 +490,9 @@ class SeenIds:
         return sum(k.itemsize * len(k) + w.itemsize * len(w) for k, w in zip(self._keys, self._where))
 
 
-class _Items:
-    """Iterator over (index, raw record | Problem) of one file; `error` is set if the file is unreadable."""
+class _Items(Position):
+    """Iterator over (index, raw record | Problem) of one file; `error` is set if the file is unreadable,
+    `tell` while it is read (a `Position`)."""
 
     def __init__(self, source: str):
         self.source = source
@@ -486,7 +500,7 @@ class _Items:
 
     def __iter__(self) -> Iterator:
         try:
-            yield from iter_records(self.source)
+            yield from iter_records(self.source, self)
         except FileError as e:
             self.error = Problem(self.source, e.reason, e.detail, position=e.position)
 

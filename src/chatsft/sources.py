@@ -77,7 +77,15 @@ def is_hub_name(source: str) -> bool:
     return not Path(source).exists() and bool(_HUB_NAME.match(source)) and Path(source).suffix not in SUFFIXES
 
 
-def iter_records(source: str) -> Iterator:
+class Position:
+    """How far reading has got into the file being read, in bytes: `tell` is the open file's (the line reader
+    and ijson read in blocks, so it runs a block ahead of the records), None until a JSON or JSON Lines file
+    is open (parquet is read by row group, folders and the Hub through `datasets`)."""
+
+    tell = None
+
+
+def iter_records(source: str, where: Position | None = None) -> Iterator:
     path = Path(source)
     if path.is_dir() and is_saved_dataset(path):
         yield from _dataset_rows(_load_saved(path))
@@ -98,6 +106,8 @@ def iter_records(source: str) -> Iterator:
         raise FileError("file_unreadable", e.strerror or str(e)) from None
     with f:
         first = _first_byte(f)
+        if where is not None and suffix != ".parquet":
+            where.tell = f.tell
         if suffix == ".parquet":
             yield from _parquet_rows(path)
         elif suffix == ".jsonl":
