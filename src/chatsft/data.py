@@ -357,6 +357,8 @@ class _Bar:
 
     def add(self, conversations: int) -> None:
         self.count += conversations
+        if self.bar.disable:
+            return
         if self.bar.total is None:
             self.bar.update(conversations)
             return
