@@ -92,6 +92,10 @@ def test_spawn_where_fork_is_missing(monkeypatch):
     results = list(run_in_order(functools.partial(_slow_square_and_pid, os.getpid()), 80, helpers=1))
     assert [r for r, _ in results] == [k * k for k in range(80)]
     assert any(helper for _, helper in results)  # the spawned helper (imports first) took a share
+    task = functools.partial(_slow_square_and_pid, os.getpid())
+    results = list(run_streaming(task, iter(range(80)), helpers=1))
+    assert [r for r, _ in results] == [k * k for k in range(80)]
+    assert any(helper for _, helper in results)
 
 
 def _slow_square_and_pid(parent: int, k: int) -> tuple[int, bool]:
