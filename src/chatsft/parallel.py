@@ -82,11 +82,7 @@ def run_in_order(task: Callable[[int], T], n: int, helpers: int) -> Iterator[T]:
                             raise _died(proc.exitcode) from None
                         continue
                     if kind == "error":  # raised again here, as if the task had failed in this process
-                        error, text = payload
-                        if error is None:
-                            raise RuntimeError(f"a preprocessing process failed on task {index}:\n{text}")
-                        error.add_note(f"raised in a preprocessing process, task {index}:\n{text}")
-                        raise error
+                        raise _raised(index, payload)
                     done[index] = payload
             yield done.pop(k)
         finished = True
@@ -136,6 +132,15 @@ def _picklable(error: BaseException) -> BaseException | None:
         pickle.loads(pickle.dumps(error))
     except Exception:
         return None
+    return error
+
+
+def _raised(index: int, payload) -> BaseException:
+    """The error a helper reported for task `index`, to raise here as if the task had failed here."""
+    error, text = payload
+    if error is None:  # it could not travel: its traceback does
+        return RuntimeError(f"a preprocessing process failed on task {index}:\n{text}")
+    error.add_note(f"raised in a preprocessing process, task {index}:\n{text}")
     return error
 
 
@@ -225,12 +230,9 @@ def run_streaming(task: Callable[[object], T], items: Iterable, helpers: int, ah
                 except (EOFError, OSError):  # reset, not EOF, when it died holding an item unread
                     raise _died(_exitcode(procs[conns.index(conn)])) from None
                 if kind == "error":
-                    error, text = payload
-                    if error is None:
-                        raise RuntimeError(f"a preprocessing process failed on task {index}:\n{text}")
-                    error.add_note(f"raised in a preprocessing process, task {index}:\n{text}")
-                    raise error
-                assert queued[conn].popleft() == index  # a helper answers in the order it was given
+                    raise _raised(index, payload)
+                given = queued[conn].popleft()
+                assert given == index  # a helper answers in the order it was given
                 done[index] = payload
         finished = True
     finally:
