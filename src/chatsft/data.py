@@ -308,12 +308,11 @@ def _encode_entry(plan: DataPlan, entry: Path, policy: ReadPolicy, num_workers, 
                     audits[side].merge(audit)
                     for n, a in by_source.items():
                         per_source[side].setdefault(n, Audit(stop_ids=audit.stop_ids)).merge(a)
-                    bar.add(audit.records)
                 for side, chunk_file in chunk_files.items():
                     if side not in writers:
                         writers[side] = _Appender(tmp / f"{side}.arrow")
                     writers[side].add(chunk_file)
-            bar.add(0)
+                bar.add(sum(audit.records for _, audit, _ in chunk_audits.values()))
         for side, writer in writers.items():
             rows[side] = writer.close()
         if write and "train" not in writers:  # no training row at all: an empty file keeps the entry whole
