@@ -344,7 +344,7 @@ class CheckpointMarker(TrainerCallback):
             (folder / MARKER_NAME).unlink(missing_ok=True)
             if control.should_save and self.manifest is not None:
                 folder.mkdir(parents=True, exist_ok=True)
-                write_atomic(folder / RUN_FILE, json.dumps(self.manifest, indent=1).encode())
+                self._write_run_file(folder)
 
     def on_step_end(self, args, state, control, **kwargs):
         self._clear_stale_marker(args, state, control)
@@ -360,12 +360,15 @@ class CheckpointMarker(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                if self.manifest is not None:
-                    write_atomic(folder / RUN_FILE, json.dumps(self.manifest, indent=1).encode())
+                self._write_run_file(folder)  # a "best" save, decided after its step, has none yet
                 write_marker(folder, state.global_step)
                 self._marked_step = state.global_step
                 self._rotate(Path(args.output_dir), state)
         PartialState().wait_for_everyone()
+
+    def _write_run_file(self, folder: Path) -> None:
+        if self.manifest is not None:
+            write_atomic(folder / RUN_FILE, json.dumps(self.manifest, indent=1).encode())
 
     def _rotate(self, output_dir: Path, state) -> None:
         """Keep the newest `save_total_limit` complete checkpoints (and the best one); drop older folders."""
