@@ -89,7 +89,8 @@ def _replicate(base: Path, copies: int, fmt: str, path: Path) -> Path:
 READ_CHILD = """
 import sys, time, json
 sys.path.insert(0, {src!r})
-from chatsft.records import ReadPolicy, ReadReport, iter_conversations
+from chatsft.records import ReadPolicy, iter_conversations
+from chatsft.report import ReadReport
 t = time.perf_counter()
 report = ReadReport(keep=False)
 n = sum(1 for _ in iter_conversations([{data!r}], ReadPolicy(), report))

@@ -284,17 +284,6 @@ def test_policy_skips_counts_and_writes_rejects(write_file, tmp_path):
     assert row["id"] == "b0" and row["reason"] == "repeated_role" and row["record"]["id"] == "b0"
 
 
-def test_a_symlinked_rejects_file_is_replaced_not_written_through(write_file, tmp_path):
-    path = mixed(write_file, bad=1)
-    target = tmp_path / "precious.txt"
-    target.write_text("keep me")
-    rejects = tmp_path / "rejected.jsonl"
-    rejects.symlink_to(target)
-    read_conversations([path], ReadPolicy(max_invalid_ratio=0.1, rejects_path=str(rejects)))
-    assert target.read_text() == "keep me"
-    assert not rejects.is_symlink() and json.loads(rejects.read_text())["id"] == "b0"
-
-
 def test_policy_stops_over_ratio_and_on_strict(write_file):
     path = mixed(write_file, bad=2)
     with pytest.raises(DataError, match=r"2 of 12 records were rejected, more than --max_invalid_ratio 0.1"):

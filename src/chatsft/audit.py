@@ -67,7 +67,7 @@ class Audit:
                 self.turns_missing_stop[end.marker] = self.turns_missing_stop.get(end.marker, 0) + 1
 
     def add_read(self, report) -> None:
-        """Count the records that validation rejected before encoding (a `records.ReadReport`), so that the
+        """Count the records that validation rejected before encoding (a `report.ReadReport`), so that the
         audit covers every record read: `records` becomes the records read, `rejected` holds both kinds."""
         self.records += report.rejected_total
         for reason, n in report.rejected.items():

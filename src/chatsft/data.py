@@ -44,7 +44,8 @@ from chatsft.encode import Encoded, Encoder
 from chatsft.errors import ConfigError, DataError
 from chatsft.mixture import DataSource, uniform
 from chatsft.parallel import run_streaming
-from chatsft.records import Conversation, ReadPolicy, ReadReport, check_invalid_ratio, iter_conversations
+from chatsft.records import Conversation, ReadPolicy, check_invalid_ratio, iter_conversations
+from chatsft.report import ReadReport
 from chatsft.sources import FileError, fingerprint_of, shards
 from chatsft.templates import RenderError
 

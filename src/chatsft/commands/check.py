@@ -13,7 +13,8 @@ import argparse
 import os
 import sys
 
-from chatsft.records import printable, read_conversations
+from chatsft.records import read_conversations
+from chatsft.report import printable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

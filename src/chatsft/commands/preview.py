@@ -24,7 +24,8 @@ from pathlib import Path
 
 from chatsft.encode import IGNORE_INDEX, Example
 from chatsft.errors import DataError
-from chatsft.records import ReadPolicy, iter_conversations, printable
+from chatsft.records import ReadPolicy, iter_conversations
+from chatsft.report import printable
 from chatsft.tokenizer import add_encoder_arguments, load_encoder_from_args
 
 _TRAINED = ("\033[30;42m", "\033[30;102m")
