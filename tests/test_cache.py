@@ -149,6 +149,25 @@ def test_file_fingerprints_are_remembered_until_the_file_changes(setup, monkeypa
     assert build(encoder, path, root).cache_hit is True and hashed == [str(path)]
 
 
+def test_a_large_data_file_is_announced_while_it_is_hashed_once(tmp_path, monkeypatch, caplog):
+    import hashlib
+    import logging
+
+    data = tmp_path / "big.jsonl"
+    data.write_bytes(b"x" * 1000)
+    monkeypatch.setattr(cache, "HASH_NOTICE_BYTES", 1000)
+    with caplog.at_level(logging.INFO, logger="chatsft"):
+        assert cache.file_fingerprint(data, tmp_path / "c") == hashlib.sha256(b"x" * 1000).hexdigest()
+        cache.file_fingerprint(data, tmp_path / "c")  # remembered: no second notice
+    assert caplog.messages == [f"hashing {data} (0.0 GB) to find its cache entry; later runs remember it"]
+    monkeypatch.setattr(cache, "HASH_NOTICE_BYTES", 1001)
+    caplog.clear()
+    data.write_bytes(b"y" * 1000)
+    with caplog.at_level(logging.INFO, logger="chatsft"):
+        cache.file_fingerprint(data, tmp_path / "c")
+    assert caplog.messages == []
+
+
 def _build_in_child(args):
     encoder, path, root = args
     split = build(encoder, path, root)

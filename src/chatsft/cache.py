@@ -41,6 +41,7 @@ ENCODER_VERSION = "3"  # bump when encoding changes its output for the same inpu
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
 SELF_CHECKSUM = "manifest_xxh3_128"
+HASH_NOTICE_BYTES = 1 << 30  # a data file this large gets a notice while it is hashed (2.6 s a GB here)
 
 
 def default_cache_dir() -> Path:
@@ -84,6 +85,10 @@ def file_fingerprint(path: str | os.PathLike, root: Path) -> str:
         known = _read_json(memo) or {}
         if stamp in known:
             return known[stamp]
+        if st.st_size >= HASH_NOTICE_BYTES:  # else a long silent pause before anything is read
+            logger.info(
+                "hashing %s (%.1f GB) to find its cache entry; later runs remember it", path, st.st_size / 1e9
+            )
         digest = file_digest(path)
         known = {k: v for k, v in known.items() if os.path.exists(k.split("|", 1)[0])}
         known[stamp] = digest

@@ -319,10 +319,7 @@ def _encode_entry(plan: DataPlan, entry: Path, policy: ReadPolicy, num_workers, 
         if write and "train" not in writers:  # no training row at all: an empty file keeps the entry whole
             writers["train"] = _Appender(tmp / "train.arrow")
             writers["train"].close()
-        for (
-            side,
-            report,
-        ) in reports.items():  # the records validation rejected: the audit counts every one read
+        for side, report in reports.items():  # the records validation rejected: the audit counts them too
             if report is not None:
                 audits[side].add_read(report)
         manifest = _manifest(plan, reports, counts, audits, per_source, sample, tmp, writers, rows)
