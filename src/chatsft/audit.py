@@ -31,13 +31,10 @@ class Audit:
     first_rejected: dict[str, str] = field(default_factory=dict)
     trained_turns: int = 0
     turns_end_in_stop: int = 0
-    turns_end_in_separator: int = (
-        0  # yuan2 assistant_turns: a non-final reply ends in '<n>' by FastChat's format
-    )
+    # yuan2 assistant_turns: a non-final reply ends in '<n>' by FastChat's format
+    turns_end_in_separator: int = 0
     turns_cut: int = 0
-    turns_missing_stop: dict[str, int] = field(
-        default_factory=dict
-    )  # marker -> count: model will not stop there
+    turns_missing_stop: dict[str, int] = field(default_factory=dict)  # marker -> count: no stop there
     # what a Jinja template changed or decided ("reply text trimmed by the template": N, records split, ...)
     template_notes: dict[str, int] = field(default_factory=dict)
 

@@ -47,9 +47,8 @@ _FLAG_MODES = {
     "last_response_loss": "last_response",
     "split_example_loss": "split_turns",
 }
-_PRIME = (
-    "\ue000chatsft\ue001"  # an added token put before a piece so it is encoded as mid-text, not text start
-)
+# an added token put before a piece so it is encoded as mid-text, not text start
+_PRIME = "\ue000chatsft\ue001"
 
 
 def loss_mode_from_flags(
@@ -407,9 +406,8 @@ class Encoder:
         backend = self.tokenizer.backend_tokenizer
         post = backend.post_processor.__getstate__() if backend.post_processor is not None else b""
         if b'"trim_offsets":true' not in post and backend.truncation is None and backend.padding is None:
-            backend.encode_special_tokens = (
-                False  # as transformers sets it on every call without split_special_tokens
-            )
+            # as transformers sets it on every call without split_special_tokens
+            backend.encode_special_tokens = False
             return backend
         if self._backends.get("naive") is None:
             from tokenizers import Tokenizer

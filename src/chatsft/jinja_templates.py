@@ -103,9 +103,8 @@ class Turn(NamedTuple):
     after: str  # the rest of the completion (separators)
     marker: str  # the end-of-turn token ("" when the completion has none)
     data: tuple[tuple[int, int], ...]  # control tokens spelled in data, as spans of context+trained+after
-    rendered: bool = (
-        True  # False: context+completion is no rendering of the template (a think block we wrote)
-    )
+    # False: context+completion is no rendering of the template (a think block we wrote)
+    rendered: bool = True
 
 
 @dataclass(frozen=True)

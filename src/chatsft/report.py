@@ -229,9 +229,8 @@ class RejectsFile:
             parent.mkdir(parents=True, exist_ok=True)
             if os.path.islink(self.path):  # replace the link itself: never write through it to its target
                 os.unlink(self.path)
-            self.file = open(
-                self.path, "w", encoding="utf-8", errors="backslashreplace"
-            )  # closed by __exit__
+            # closed by __exit__
+            self.file = open(self.path, "w", encoding="utf-8", errors="backslashreplace")
         except OSError as e:
             raise DataError(f"cannot write rejected records to {self.path}: {e.strerror or e}") from None
 

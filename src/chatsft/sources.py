@@ -226,9 +226,8 @@ def _prescan(f, block_size: int = 1 << 20) -> bool:
         inside = b'"' in bare  # an unclosed string runs into the next block
         bare = bare.split(b'"', 1)[0].translate(bytes.maketrans(b"{}", b"[]"))
         nested = b"[" * depth + bare
-        passes = (
-            0  # each pass removes the innermost pairs: the nesting is the number of passes (an upper bound)
-        )
+        # each pass removes the innermost pairs: the nesting is the number of passes (an upper bound)
+        passes = 0
         while b"[]" in nested and passes <= MAX_DEPTH:
             nested, passes = nested.replace(b"[]", b""), passes + 1
         depth = len(nested) - len(nested.rstrip(b"["))  # the brackets still open

@@ -295,9 +295,7 @@ def _plan(
     trainable, turn), template text merged: rendering fills in the messages. Cached, since a data set has few
     shapes (roles alternate, so the shape is the number of messages and whether the first is a system one)."""
     last = n - 1
-    train = (
-        set(range(start + 1, n, 2)) if trained is None else trained
-    )  # the assistants: start+1, start+3, ...
+    train = set(range(start + 1, n, 2)) if trained is None else trained  # the assistants: start+1, +3, ...
     single = trained is not None and train == {last} and (last - start) % 2 == 1
     out: list[tuple[int, str, bool, int]] = []
     tokens = {"bos": bos, "eos": eos}

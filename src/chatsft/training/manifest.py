@@ -143,9 +143,8 @@ def clear_earlier_run(output_dir: Path) -> list[str]:
     if not output_dir.is_dir():
         return []
     for path in sorted(p for p in output_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None):
-        (path / MARKER_NAME).unlink(
-            missing_ok=True
-        )  # a removal cut short leaves nothing that claims completeness
+        # the marker first: a removal cut short leaves nothing that claims completeness
+        (path / MARKER_NAME).unlink(missing_ok=True)
         fsync_path(path)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)

@@ -36,9 +36,7 @@ class ChatTrainer(Trainer):
         head = getattr(self.args, "loss_head", "plain")  # plain transformers.TrainingArguments have none
         loss, aux = causal_lm_loss(model, inputs, num_items_in_batch, head=head)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and model.training:
-            loss = (
-                loss * self.accelerator.num_processes
-            )  # as Trainer.compute_loss does: DDP averages gradients
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does: DDP averages them
         return (loss, aux) if return_outputs else loss
 
     def _run_epoch(self, *args, **kwargs):
