@@ -30,6 +30,27 @@ def mistral_tokenizer_dir(dest: Path, legacy: bool) -> Path:
     return dest
 
 
+def tiny_gqa_llama(vocab: int, attn: str = "sdpa", **config):
+    """A 2-layer Llama with grouped-query attention (4 heads over 2 KV heads, hidden 32, context 128),
+    seeded: the model of the loss and packing tests."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation=attn,
+        **config,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
 @pytest.fixture(scope="session")
 def mistral_dir(tmp_path_factory) -> Path:
     return mistral_tokenizer_dir(tmp_path_factory.mktemp("mistral"), legacy=False)

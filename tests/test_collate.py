@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_gqa_llama
 
 from chatsft.collate import PackedCollator, PackedDataset, PadCollator, pack_examples
 
@@ -144,23 +145,6 @@ def batch_inputs(batch):
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
 
 
-def _tiny_llama(attn: str, vocab: int = 97):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation=attn,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 def _random_examples(vocab: int = 97):
     g = torch.Generator().manual_seed(1)
     out = []
@@ -172,7 +156,7 @@ def _random_examples(vocab: int = 97):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_examples_are_isolated(attn):
-    model = _tiny_llama(attn)
+    model = tiny_gqa_llama(97, attn).eval()
     examples = _random_examples()
     batch = PackedCollator()(examples)
     with torch.no_grad():
@@ -188,7 +172,7 @@ def test_packed_examples_are_isolated(attn):
 def test_packed_examples_leak_when_a_cache_is_used(attn):
     """Why every packed forward passes use_cache=False: with the config's default use_cache=True transformers
     creates a cache, skips the packed-sequence mask, and the second example attends to the first."""
-    model = _tiny_llama(attn)
+    model = tiny_gqa_llama(97, attn).eval()
     assert model.config.use_cache
     examples = _random_examples()
     batch = PackedCollator()(examples)

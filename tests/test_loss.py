@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_gqa_llama
 
 from chatsft.collate import STATS_KEY, PackedCollator, PadCollator
 from chatsft.errors import ConfigError
@@ -24,21 +25,7 @@ VOCAB = 101
 
 
 def _model(attn="sdpa"):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation=attn,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config)
+    return tiny_gqa_llama(VOCAB, attn, pad_token_id=0)
 
 
 def _examples():
