@@ -168,6 +168,27 @@ def test_a_large_data_file_is_announced_while_it_is_hashed_once(tmp_path, monkey
     assert caplog.messages == []
 
 
+def test_a_damaged_fingerprint_memo_is_hashed_again_not_believed(tmp_path, monkeypatch):
+    import hashlib
+
+    data, root = tmp_path / "d.jsonl", tmp_path / "c"
+    data.write_bytes(b"{}\n")
+    right = hashlib.sha256(b"{}\n").hexdigest()
+    hashed = []
+    digest = cache.file_digest
+    monkeypatch.setattr(cache, "file_digest", lambda p: hashed.append(p) or digest(p))
+    assert cache.file_fingerprint(data, root) == right and len(hashed) == 1
+    memo = root / "fingerprints.json"
+    text = memo.read_text()
+    memo.write_text(text.replace(right, right[:-1] + ("0" if right[-1] != "0" else "1")))  # one digit flipped
+    assert cache.file_fingerprint(data, root) == right and len(hashed) == 2
+    assert cache.file_fingerprint(data, root) == right and len(hashed) == 2  # the memo was mended
+    memo.write_text(json.dumps(json.loads(memo.read_text())["fingerprints"]))  # no checksum (an older memo)
+    assert cache.file_fingerprint(data, root) == right and len(hashed) == 3
+    memo.write_text("[1, 2")  # not JSON
+    assert cache.file_fingerprint(data, root) == right and len(hashed) == 4
+
+
 def _build_in_child(args):
     encoder, path, root = args
     split = build(encoder, path, root)

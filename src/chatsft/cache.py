@@ -77,12 +77,14 @@ def file_digest(path: str | os.PathLike) -> str:
 def file_fingerprint(path: str | os.PathLike, root: Path) -> str:
     """The SHA-256 of a data file, remembered in `<root>/fingerprints.json` by (real path, size, mtime, ctime,
     inode): a re-run does not read a 50 GB file again to find its cache entry. ctime cannot be set back by a
-    user, so a file rewritten in place (even with its old mtime restored) is hashed again."""
+    user, so a file rewritten in place (even with its old mtime restored) is hashed again. The memo carries a
+    checksum: a damaged one is read as empty (the files are hashed again), since a flipped digest would give a
+    wrong cache key, the data encoded again and a resume refused as "data files changed"."""
     st = os.stat(path)
     stamp = f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
     memo = root / "fingerprints.json"
     with locked(memo):  # one process hashes a new file, the others wait and read what it found
-        known = _read_json(memo) or {}
+        known = _read_memo(memo)
         if stamp in known:
             return known[stamp]
         if st.st_size >= HASH_NOTICE_BYTES:  # else a long silent pause before anything is read
@@ -92,8 +94,16 @@ def file_fingerprint(path: str | os.PathLike, root: Path) -> str:
         digest = file_digest(path)
         known = {k: v for k, v in known.items() if os.path.exists(k.split("|", 1)[0])}
         known[stamp] = digest
-        _write_json_atomic(memo, known)
+        _write_json_atomic(memo, {"fingerprints": known, SELF_CHECKSUM: manifest_checksum(known)})
     return digest
+
+
+def _read_memo(memo: Path) -> dict[str, str]:
+    value = _read_json(memo)
+    known = value.get("fingerprints") if isinstance(value, dict) else None
+    if isinstance(known, dict) and value.get(SELF_CHECKSUM) == manifest_checksum(known):
+        return known
+    return {}
 
 
 def checksum(path: Path) -> str:
