@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ def _tokenizer():
     return build_tokenizer(["hello there, how are you? user assistant system"] * 10, vocab_size=300)
 
 
-def _trainer(tok, out: Path, max_steps: int = 10, model=None, callbacks=(), save_total_limit=None):
+def _trainer(tok, out: Path, max_steps: int = 10, model=None, callbacks=(), save_total_limit=None, **extra):
     import torch
     from transformers import Trainer, TrainingArguments
 
@@ -46,11 +47,14 @@ def _trainer(tok, out: Path, max_steps: int = 10, model=None, callbacks=(), save
         report_to=[],
         disable_tqdm=True,
         save_total_limit=save_total_limit,
-        learning_rate=1e-3,
+        **{"learning_rate": 1e-3, **extra},
     )
     marker = ck.CheckpointMarker()
     model = model if model is not None else build_model(tok, hidden_size=32, layers=1, heads=2)
-    return Trainer(model=model, args=args, train_dataset=data, callbacks=[marker, *callbacks])
+    evaluation = data[:4] if args.eval_strategy != "no" else None
+    return Trainer(
+        model=model, args=args, train_dataset=data, eval_dataset=evaluation, callbacks=[marker, *callbacks]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -179,12 +183,9 @@ def test_unmarked_whole_checkpoints_stop_a_fresh_start_and_can_be_adopted(run_co
         ck.choose_resume(run_copy)
     assert str(err.value) == (
         f"{run_copy} holds checkpoint-10, which chatsft did not mark complete (FastChat or another HF "
-        "Trainer tool "
-        "wrote it, or a chatsft save was cut off at its very end), and its files look whole. To continue "
-        "from it: "
-        f"--resume_from_checkpoint {run_copy / 'checkpoint-10'}. To start over (new checkpoints will "
-        "replace it): "
-        "--overwrite_output_dir."
+        "Trainer tool wrote it, or a chatsft save was cut off at its very end), and its files look whole. "
+        f"To continue from it: --resume_from_checkpoint {run_copy / 'checkpoint-10'}. To start over (new "
+        "checkpoints will replace it): --overwrite_output_dir."
     )
     assert ck.choose_resume(run_copy, overwrite_output_dir=True) == (None, [])
     resume, notices = ck.choose_resume(run_copy, str(run_copy / "checkpoint-10"))
@@ -289,6 +290,39 @@ def test_the_run_manifest_comes_before_anything_the_trainer_saves(tmp_path):
     ).unlink()  # what another tool's whole checkpoint looks like
     with pytest.raises(ConfigError, match="which chatsft did not mark complete"):
         ck.choose_resume(tmp_path / "out")
+
+
+def test_a_best_checkpoint_gets_the_run_manifest_before_the_trainer_saves_it(tmp_path):
+    """save_strategy "best": the save is decided after each evaluation; the manifest is there before the
+    Trainer writes, for exactly the evaluations that save."""
+    from transformers import TrainerCallback
+
+    seen, losses = {}, []
+
+    class Probe(TrainerCallback):  # runs after CheckpointMarker, before the Trainer decides and saves
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            folder = tmp_path / "out" / f"checkpoint-{state.global_step}"
+            seen[state.global_step] = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
+            losses.append(metrics["eval_loss"])
+
+    # evaluated after every step at a learning rate of 1, the loss jumps about: new bests at steps 1, 6, 7, 8
+    trainer = _trainer(
+        _tokenizer(), tmp_path / "out", max_steps=8, callbacks=[Probe()], learning_rate=1.0,
+        eval_strategy="steps", eval_steps=1, save_strategy="best", metric_for_best_model="loss",
+    )  # fmt: skip
+    marker = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ck.CheckpointMarker))
+    marker.manifest = {"run": "this one"}
+    trainer.train()
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "out").glob("checkpoint-*"))
+    best = [step for step, loss in enumerate(losses, 1) if loss < min(losses[: step - 1], default=math.inf)]
+    assert saved == best and 1 < len(best) < 8, losses
+    assert seen == {step: [ck.RUN_FILE] if step in best else None for step in range(1, 9)}
+    for step in best:
+        folder = tmp_path / "out" / f"checkpoint-{step}"
+        assert json.loads((folder / ck.RUN_FILE).read_text()) == {"run": "this one"}
+        assert (folder / ck.MARKER_NAME).is_file()
+    trainer.evaluate()  # outside training: nothing is written
+    assert sorted(int(p.name.split("-")[1]) for p in (tmp_path / "out").glob("checkpoint-*")) == saved
 
 
 def test_rotation_keeps_complete_checkpoints_and_newer_incomplete_ones(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -261,8 +262,7 @@ def validate_checkpoint(path: str | os.PathLike) -> tuple[Path, list[str]]:
         problem = f"it has no {MARKER_NAME} and {unmarked}"
     raise ConfigError(
         f"cannot resume from {path}: {problem}. Choose a complete checkpoint, or leave "
-        "--resume_from_checkpoint "
-        "out to resume from the newest complete one."
+        "--resume_from_checkpoint out to resume from the newest complete one."
     )
 
 
@@ -299,11 +299,9 @@ def choose_resume(
             if _unmarked(candidate) and foreign and unmarked_checkpoint_problem(candidate) is None:
                 raise ConfigError(
                     f"{output_dir} holds {candidate.name}, which chatsft did not mark complete (FastChat or "
-                    "another "
-                    "HF Trainer tool wrote it, or a chatsft save was cut off at its very end), and its "
-                    "files look "
-                    f"whole. To continue from it: --resume_from_checkpoint {candidate}. To start over (new "
-                    "checkpoints will replace it): --overwrite_output_dir."
+                    "another HF Trainer tool wrote it, or a chatsft save was cut off at its very end), and "
+                    f"its files look whole. To continue from it: --resume_from_checkpoint {candidate}. To "
+                    "start over (new checkpoints will replace it): --overwrite_output_dir."
                 )
         if notices:
             notices.append("no complete checkpoint found: training starts from the beginning")
@@ -325,8 +323,10 @@ class CheckpointMarker(TrainerCallback):
         self.save_total_limit = save_total_limit
         self.manifest = manifest  # the run manifest, written into each checkpoint before its marker
         self._marked_step: int | None = None
+        self._training = False  # an evaluation outside `train` saves nothing
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self._training = True
         if args.save_total_limit is not None:
             if self.save_total_limit is None:
                 self.save_total_limit = args.save_total_limit
@@ -335,8 +335,9 @@ class CheckpointMarker(TrainerCallback):
     def _clear_stale_marker(self, args, state, control):
         # A folder for this step left by an earlier run is about to be overwritten in place: void it first.
         # (With save_strategy "best" the decision comes after evaluation, so any folder for this step is
-        # voided.) A save that is certain gets the run manifest before the Trainer writes anything: a save
-        # cut off at any point is then recognisably this run's own, never taken for another tool's.
+        # voided; `on_evaluate` writes the manifest of a best save.) A save that is certain gets the run
+        # manifest before the Trainer writes anything: a save cut off at any point is then recognisably this
+        # run's own, never taken for another tool's.
         if state.global_step == self._marked_step or not args.should_save:
             return
         if control.should_save or args.save_strategy == "best":
@@ -352,6 +353,26 @@ class CheckpointMarker(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         self._clear_stale_marker(args, state, control)
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # save_strategy "best": the Trainer saves after this evaluation if the metric improved, by the
+        # comparison of transformers' `Trainer._determine_best_metric` (run after this callback, before the
+        # save); that save gets the run manifest first too. A wrong guess leaves a folder holding only the
+        # manifest, which resume skips and rotation removes.
+        if self.manifest is None or args.save_strategy != "best" or not (self._training and args.should_save):
+            return
+        name = args.metric_for_best_model
+        value = (metrics or {}).get(name if name.startswith("eval_") else f"eval_{name}")
+        best = state.best_metric
+        if best is None:
+            best = -math.inf if args.greater_is_better else math.inf
+        if value is not None and (value > best if args.greater_is_better else value < best):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            self._write_run_file(folder)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._training = False
+
     def on_save(self, args, state, control, **kwargs):
         from accelerate import PartialState
 
@@ -360,7 +381,7 @@ class CheckpointMarker(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                self._write_run_file(folder)  # a "best" save, decided after its step, has none yet
+                self._write_run_file(folder)  # a "best" save that `on_evaluate` did not foresee has none
                 write_marker(folder, state.global_step)
                 self._marked_step = state.global_step
                 self._rotate(Path(args.output_dir), state)

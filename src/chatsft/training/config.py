@@ -212,8 +212,7 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False,
         metadata={
             "help": "DDP's find_unused_parameters. False (chatsft's default): every parameter of a chat "
-            "model "
-            "gets a gradient each step; set True for a model that skips some (a mixture of experts)."
+            "model gets a gradient each step; set True for a model that skips some (a mixture of experts)."
         },
     )
     eval_generations: int = field(

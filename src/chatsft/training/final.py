@@ -149,8 +149,7 @@ def _verify_folder(
             )
             raise ConfigError(
                 "the chat template saved with the model renders a sample differently from training, from "
-                "character "
-                f"{at}: {rendered[at : at + 40]!r} instead of {text[at : at + 40]!r}"
+                f"character {at}: {rendered[at : at + 40]!r} instead of {text[at : at + 40]!r}"
             )
 
 

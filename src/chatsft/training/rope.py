@@ -53,8 +53,8 @@ def apply_rope_scaling(config, model_max_length: int | None) -> str | None:
             return None
         return (
             f"RoPE: existing {rtype} scaling (factor {float(params.get('factor') or 1):g}) already covers "
-            f"model_max_length "
-            f"{model_max_length} (context {covered if covered != math.inf else 'unbounded'}): left unchanged"
+            f"model_max_length {model_max_length} "
+            f"(context {covered if covered != math.inf else 'unbounded'}): left unchanged"
         )
     name = getattr(config, "model_type", None) or type(config).__name__
     if nested:
