@@ -8,6 +8,7 @@ package changes under them (bench_train.py once crashed on a changed return valu
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -88,10 +89,14 @@ def test_bench_preprocess_prints_every_method(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_memory_records_and_loss_print_their_tables(tmp_path):
+def test_bench_memory_records_idset_and_loss_print_their_tables(tmp_path):
     memory = run("bench_memory.py", "300", "--data", str(SAMPLE), cwd=tmp_path)
     assert [line.split()[0] for line in memory.splitlines()[-3:]] == ["eager,", "eager,", "lazy"]
     records = run("bench_records.py", "200", cwd=tmp_path)
+    idset = run("bench_idset.py", "--n", "20000", cwd=tmp_path)
+    assert re.fullmatch(
+        r".*/src: 20,000 ids, anonymous MB start \d+, peak \d+, end \d+; the set 0\.3 MiB; .* s\n", idset
+    )
     assert [line.split()[:2] for line in records.splitlines()[-2:]] == [[".json", "200"], [".jsonl", "200"]]
     loss = run(
         "bench_loss.py",
