@@ -114,27 +114,39 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "examples": len(split.tra
 """
 
 
-def watch(cmd: list[str]) -> tuple[str, dict[int, int], dict[int, int], float]:
+def watch(cmd: list[str], timeline: Path | None = None) -> tuple[str, dict[int, int], dict[int, int], float]:
     """Run `cmd`; poll its process tree every 0.1 s; return (stdout, pid -> peak RSS bytes, pid -> peak
     anonymous RSS bytes, wall seconds). RSS (the kernel's VmHWM) also counts the pages of memory-mapped files
     that are resident, which the kernel can drop at any time (the cache's Arrow files once loaded); RssAnon,
-    polled, is the memory that cannot be given back."""
+    polled, is the memory that cannot be given back. With `timeline`, a line per process every second and
+    whenever its VmHWM rises: seconds, pid, VmHWM, VmRSS, RssAnon, RssFile (MB): when does a peak happen."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     peaks: dict[int, int] = {}
     anon: dict[int, int] = {}
+    log = open(timeline, "w") if timeline else None  # closed below
+    written = 0.0
     while proc.poll() is None:
+        now = time.perf_counter() - start
         for pid in _tree(proc.pid):
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
                 continue
-            for line in status.splitlines():
-                if line.startswith("VmHWM:"):
-                    peaks[pid] = max(peaks.get(pid, 0), int(line.split()[1]) * 1024)
-                elif line.startswith("RssAnon:"):
-                    anon[pid] = max(anon.get(pid, 0), int(line.split()[1]) * 1024)
+            kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in status.splitlines())
+                  if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}  # fmt: skip
+            rose = kb.get("VmHWM", 0) * 1024 > peaks.get(pid, 0)
+            peaks[pid] = max(peaks.get(pid, 0), kb.get("VmHWM", 0) * 1024)
+            anon[pid] = max(anon.get(pid, 0), kb.get("RssAnon", 0) * 1024)
+            if log and (rose or now - written >= 1.0):
+                mb = [kb.get(k, 0) // 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")]
+                log.write(f"{now:.1f} {pid} {' '.join(map(str, mb))}\n")
+        if log and now - written >= 1.0:
+            written = now
+            log.flush()
         time.sleep(0.1)
+    if log:
+        log.close()
     out = proc.stdout.read()
     return out, peaks, anon, time.perf_counter() - start
 
@@ -181,6 +193,11 @@ def main() -> None:
         choices=["prepare", "read"],
         help="prepare: build_datasets; read: only read and validate (iter_conversations), no encoding",
     )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="write WORK/timeline-N-FORMAT.txt: each process's memory over time",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     tok = mistral_tokenizer_dir(args.work / "tokenizer")
@@ -193,7 +210,8 @@ def main() -> None:
             child = (CHILD if args.stage == "prepare" else READ_CHILD).format(
                 src=src, tok=str(tok), data=str(data), cache=str(cache), workers=args.workers
             )
-            out, peaks, anon, wall = watch([sys.executable, "-c", child])
+            timeline = args.timeline and args.work / f"timeline-{n}-{fmt}.txt"
+            out, peaks, anon, wall = watch([sys.executable, "-c", child], timeline)
             result = json.loads(out.strip().splitlines()[-1])
             entry = Path(result["entry"]) if result["entry"] else None
             size = sum(f.stat().st_size for f in entry.iterdir()) if entry else 0
