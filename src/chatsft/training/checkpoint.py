@@ -308,6 +308,11 @@ def choose_resume(
     return (str(path) if path else None), notices
 
 
+def _step_folder(args, state) -> Path:
+    """The folder the Trainer saves this step's checkpoint in."""
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+
 class CheckpointMarker(TrainerCallback):
     """Marks each checkpoint complete once the Trainer has written all of it, and rotates old ones.
 
@@ -341,7 +346,7 @@ class CheckpointMarker(TrainerCallback):
         if state.global_step == self._marked_step or not args.should_save:
             return
         if control.should_save or args.save_strategy == "best":
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = _step_folder(args, state)
             (folder / MARKER_NAME).unlink(missing_ok=True)
             if control.should_save and self.manifest is not None:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -366,7 +371,7 @@ class CheckpointMarker(TrainerCallback):
         if best is None:
             best = -math.inf if args.greater_is_better else math.inf
         if value is not None and (value > best if args.greater_is_better else value < best):
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = _step_folder(args, state)
             folder.mkdir(parents=True, exist_ok=True)
             self._write_run_file(folder)
 
@@ -379,7 +384,7 @@ class CheckpointMarker(TrainerCallback):
         # Every rank writes its own RNG state (and under FSDP/DeepSpeed its shards) with no barrier after it.
         PartialState().wait_for_everyone()
         if args.should_save:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder = _step_folder(args, state)
             if folder.is_dir():
                 self._write_run_file(folder)  # a "best" save that `on_evaluate` did not foresee has none
                 write_marker(folder, state.global_step)
