@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from chatsft_runs import free_port
 
 from chatsft.errors import ConfigError
 from chatsft.training.distributed import (
@@ -214,12 +214,6 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_fsdp2_full_state_dict_across_two_processes(tmp_path):
     from safetensors.torch import load_file
@@ -236,7 +230,7 @@ def test_fsdp2_full_state_dict_across_two_processes(tmp_path):
         "--nproc_per_node=2",
         "--nnodes=1",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         str(worker),
         str(out),
     ]
