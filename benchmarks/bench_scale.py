@@ -135,8 +135,9 @@ def watch(cmd: list[str], timeline: Path | None = None) -> tuple[str, dict[int, 
                 continue
             kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in status.splitlines())
                   if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}  # fmt: skip
-            rose = kb.get("VmHWM", 0) * 1024 > peaks.get(pid, 0)
-            peaks[pid] = max(peaks.get(pid, 0), kb.get("VmHWM", 0) * 1024)
+            hwm = kb.get("VmHWM", 0) * 1024
+            rose = hwm > peaks.get(pid, 0)
+            peaks[pid] = max(peaks.get(pid, 0), hwm)
             anon[pid] = max(anon.get(pid, 0), kb.get("RssAnon", 0) * 1024)
             if log and (rose or now - written >= 1.0):
                 mb = [kb.get(k, 0) // 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")]
